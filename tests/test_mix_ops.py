@@ -1,0 +1,259 @@
+"""Properties of the patch mixing operator: invertibility, gradients, labels, backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mixreorg.ops._dispatch as dispatch
+from mixreorg.ops import MixPlan, mix, mix_add, mix_add_reference, mix_reference, restore, restore_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+IMPLS = ["torch", "triton"]
+
+
+@st.composite
+def cases(draw):
+    G = draw(st.integers(1, 5))
+    n_groups = draw(st.sampled_from([1, 2, 3, 5]))  # odd group counts included
+    L = draw(st.sampled_from([1, 2, 3, 5, 7, 11, 13, 16]))  # primes included
+    C = draw(st.sampled_from([1, 2, 3, 5, 7, 17, 31]))
+    pre = draw(st.integers(0, 2))
+    suf = draw(st.integers(0, 2))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    impl = draw(st.sampled_from(IMPLS))
+    return G * n_groups, G, L, C, pre, suf, dtype, seed, impl
+
+
+def _tokens(B, L, C, pre, suf, dtype, seed, contiguous=True):
+    g = torch.Generator().manual_seed(seed)
+    if contiguous:
+        return torch.randn(B, L + pre + suf, C, generator=g).to(dtype)
+    # a channel-major view: strides (C*Ltot, 1, Ltot)
+    return torch.randn(B, C, L + pre + suf, generator=g).to(dtype).transpose(1, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases(), st.booleans())
+def test_restore_mix_is_identity_bit_exact(case, contiguous):
+    B, G, L, C, pre, suf, dtype, seed, impl = case
+    plan = MixPlan.create(B, L, G, seed=seed)
+    x = _tokens(B, L, C, pre, suf, dtype, seed, contiguous)
+    kw = dict(num_prefix_tokens=pre, num_suffix_tokens=suf, impl=impl)
+    mixed = mix(x, plan, **kw)
+    assert mixed.dtype == dtype and mixed.shape == x.shape
+    assert torch.equal(restore(mixed, plan, **kw), x)
+    assert torch.equal(mix(restore(x, plan, **kw), plan, **kw), x)
+    # prefix / suffix tokens untouched
+    assert torch.equal(mixed[:, :pre], x[:, :pre])
+    assert torch.equal(mixed[:, pre + L :], x[:, pre + L :])
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_labels_say_where_each_patch_comes_from(case):
+    B, G, L, C, pre, suf, dtype, seed, impl = case
+    plan = MixPlan.create(B, L, G, seed=seed)
+    x = _tokens(B, L, C, pre, suf, dtype, seed)
+    mixed = mix(x, plan, num_prefix_tokens=pre, num_suffix_tokens=suf, impl=impl)
+    group_base = (torch.arange(B) // G * G).view(B, 1)
+    source = group_base + plan.labels  # [B, L]
+    assert torch.equal(source, plan.src)
+    assert plan.labels.min() >= 0 and plan.labels.max() < G
+    expected = x[source, torch.arange(L).view(1, L) + pre]  # [B, L, C] by advanced indexing
+    assert torch.equal(mixed[:, pre : pre + L], expected)
+    # every patch of every source image appears exactly once per group and position
+    for g in range(B // G):
+        block = plan.labels[g * G : (g + 1) * G]  # [G, L]
+        assert torch.equal(block.sort(dim=0).values, torch.arange(G).view(G, 1).expand(G, L))
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_vjp_of_mix_is_restore_and_vice_versa(case):
+    B, G, L, C, pre, suf, dtype, seed, impl = case
+    plan = MixPlan.create(B, L, G, seed=seed)
+    kw = dict(num_prefix_tokens=pre, num_suffix_tokens=suf, impl=impl)
+    x = _tokens(B, L, C, pre, suf, dtype, seed).requires_grad_()
+    cot = _tokens(B, L, C, pre, suf, dtype, seed + 1)
+    (gx,) = torch.autograd.grad(mix(x, plan, **kw), x, cot)
+    assert torch.equal(gx, restore(cot, plan, **kw))
+    (gx,) = torch.autograd.grad(restore(x, plan, **kw), x, cot)
+    assert torch.equal(gx, mix(cot, plan, **kw))
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_mix_add_matches_mix_then_add_and_its_gradients(case):
+    B, G, L, C, pre, suf, dtype, seed, impl = case
+    plan = MixPlan.create(B, L, G, seed=seed)
+    kw = dict(num_prefix_tokens=pre, num_suffix_tokens=suf)
+    x = _tokens(B, L, C, pre, suf, dtype, seed).requires_grad_()
+    y = _tokens(B, L, C, pre, suf, dtype, seed + 7).requires_grad_()
+    out = mix_add(y, x, plan, impl=impl, **kw)
+    assert torch.equal(out, y + mix_reference(x, plan, **kw))
+    assert torch.equal(out, mix_add_reference(y, x, plan, **kw))
+    cot = _tokens(B, L, C, pre, suf, dtype, seed + 3)
+    gy, gx = torch.autograd.grad(out, (y, x), cot)
+    assert torch.equal(gy, cot)
+    assert torch.equal(gx, restore_reference(cot, plan, **kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (6, 7, 13), (12, 49, 33), (4, 196, 384)])
+def test_triton_matches_torch_bit_exact(dtype, shape):
+    B, L, C = shape
+    G = 2 if B % 2 == 0 else 1
+    plan = MixPlan.create(B, L, G, seed=B * L + C)
+    x = torch.randn(B, L + 1, C).to(dtype)
+    y = torch.randn(B, L + 1, C).to(dtype)
+    kw = dict(num_prefix_tokens=1)
+    assert torch.equal(mix(x, plan, impl="triton", **kw), mix(x, plan, impl="torch", **kw))
+    assert torch.equal(restore(x, plan, impl="triton", **kw), restore(x, plan, impl="torch", **kw))
+    assert torch.equal(mix_add(y, x, plan, impl="triton", **kw), mix_add(y, x, plan, impl="torch", **kw))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_and_special_values_pass_through_bit_for_bit(impl):
+    B, L, C = 4, 5, 3
+    plan = MixPlan.create(B, L, 2, seed=0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (B, L, C), dtype=torch.int32)
+    bits[0, 0, 0] = 0x7FC00001  # quiet NaN with a payload
+    bits[1, 2, 1] = -0x00400001  # a negative NaN (sign bit set)
+    bits[2, 3, 2] = 0x7F800000  # +inf
+    bits[3, 4, 0] = -(2**31)  # -0.0
+    x = bits.view(torch.float32)
+    mixed = mix(x, plan, impl=impl)
+    assert torch.equal(mix(x.view(torch.int32), plan, impl="torch").view(torch.float32).view(torch.int32),
+                       mixed.view(torch.int32))
+    assert torch.equal(restore(mixed, plan, impl=impl).view(torch.int32), bits)
+
+
+def test_same_seed_same_plan_and_generator_reproducible():
+    a = MixPlan.create(32, 49, 16, seed=123)
+    b = MixPlan.create(32, 49, 16, seed=123)
+    c = MixPlan.create(32, 49, 16, seed=124)
+    assert torch.equal(a.src, b.src) and torch.equal(a.labels, b.labels) and torch.equal(a.inv, b.inv)
+    assert not torch.equal(a.src, c.src)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(MixPlan.create(8, 9, 4, generator=g1).src, MixPlan.create(8, 9, 4, generator=g2).src)
+
+
+def test_group_size_one_is_identity_and_group_of_whole_batch():
+    x = torch.randn(5, 7, 3)
+    assert torch.equal(mix(x, MixPlan.create(5, 7, 1, seed=0)), x)
+    plan = MixPlan.create(5, 7, 5, seed=0)
+    assert plan.num_groups == 1 and plan.labels.max() <= 4
+
+
+def test_plan_inverse_and_from_permutation():
+    pi = torch.tensor([[[1, 0], [0, 1], [1, 0]]])  # one group, L=3, G=2
+    plan = MixPlan.from_permutation(pi, grid=(1, 3))
+    x = torch.arange(2 * 3).view(2, 3, 1).float()
+    assert mix(x, plan).flatten().tolist() == [3.0, 1.0, 5.0, 0.0, 4.0, 2.0]
+    assert torch.equal(mix(x, plan.inverse()), restore(x, plan))
+    with pytest.raises(ValueError, match="permutation"):
+        MixPlan.from_permutation(torch.tensor([[[0, 0]]]))
+
+
+def test_pixel_labels_upsample_the_patch_grid():
+    plan = MixPlan.create(4, 6, 2, grid=(2, 3), seed=0)
+    px = plan.pixel_labels(4)
+    assert px.shape == (4, 8, 12)
+    assert torch.equal(px[:, ::4, ::4], plan.label_grid())
+    px2 = plan.pixel_labels((2, 3))
+    assert px2.shape == (4, 4, 9)
+    assert torch.equal(px2[:, 1::2, 2::3], plan.label_grid())
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=10, num_patches=4, group_size=4), "not divisible"),
+        (dict(batch_size=8, num_patches=4, group_size=0), "group_size"),
+        (dict(batch_size=8, num_patches=4, group_size=-2), "group_size"),
+        (dict(batch_size=8, num_patches=0, group_size=2), "num_patches"),
+        (dict(batch_size=8, num_patches=6, group_size=2, grid=(2, 2)), "grid"),
+    ],
+)
+def test_bad_plans_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MixPlan.create(**kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    plan = MixPlan.create(8, 4, 4, seed=0)
+    with pytest.raises(ValueError, match="rank 3"):
+        mix(torch.randn(8, 4), plan)
+    with pytest.raises(ValueError, match="batch size 8"):
+        mix(torch.randn(4, 4, 2), plan)
+    with pytest.raises(ValueError, match="4 patch tokens"):
+        mix(torch.randn(8, 5, 2), plan)
+    with pytest.raises(ValueError, match="4 patch tokens"):
+        mix(torch.randn(8, 5, 2), plan, num_prefix_tokens=2)
+    with pytest.raises(ValueError, match="plan is on cpu"):
+        mix(torch.randn(8, 4, 2, device="meta"), plan)
+    with pytest.raises(ValueError, match="MixPlan"):
+        mix(torch.randn(8, 4, 2), "not a plan")
+    with pytest.raises(ValueError, match="same shape"):
+        mix_add(torch.randn(8, 4, 3), torch.randn(8, 4, 2), plan)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        mix(torch.randn(8, 4, 2), plan, impl="cuda")
+
+
+def test_explicit_triton_request_that_cannot_run_says_why(monkeypatch):
+    plan = MixPlan.create(4, 4, 2, seed=0)
+    x = torch.randn(4, 4, 2)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        mix(x, plan, impl="triton")
+    monkeypatch.setattr(dispatch, "has_triton", lambda: False)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        mix(x, plan, impl="triton")
+    # auto falls back to torch on CPU, silently and correctly
+    assert torch.equal(mix(x, plan, impl="auto"), mix_reference(x, plan))
+
+
+def test_auto_uses_torch_on_cpu_even_under_the_interpreter():
+    x = torch.randn(4, 4, 2)
+    assert dispatch.select_impl("auto", [x], "mix") == "torch"
+    assert dispatch.select_impl("triton", [x], "mix") == "triton"  # interpreter set by conftest
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_torch_compile_traces_without_graph_breaks(impl):
+    plan = MixPlan.create(4, 6, 2, seed=0)
+
+    def f(x, y):
+        m = mix(x, plan, num_prefix_tokens=1, impl=impl)
+        m = mix_add(m, y, plan, num_prefix_tokens=1, impl=impl)
+        return restore(m, plan, num_prefix_tokens=1, impl=impl).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 7, 3, requires_grad=True)
+    y = torch.randn(4, 7, 3, requires_grad=True)
+    out = compiled(x, y)
+    ref = f(x, y)
+    assert torch.equal(out, ref)
+    gx, gy = torch.autograd.grad(out, (x, y))
+    rx, ry = torch.autograd.grad(ref, (x, y))
+    assert torch.equal(gx, rx) and torch.equal(gy, ry)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_triton_matches_torch(dtype):
+    B, L, C = 32, 196, 384
+    plan = MixPlan.create(B, L, 16, seed=0, device="cuda")
+    x = torch.randn(B, L + 1, C, device="cuda").to(dtype)
+    y = torch.randn(B, L + 1, C, device="cuda").to(dtype)
+    for f in (mix, restore):
+        assert torch.equal(f(x, plan, num_prefix_tokens=1, impl="triton"), f(x, plan, num_prefix_tokens=1, impl="torch"))
+    assert torch.equal(mix_add(y, x, plan, num_prefix_tokens=1, impl="triton"),
+                       mix_add(y, x, plan, num_prefix_tokens=1, impl="torch"))
+    assert dispatch.select_impl("auto", [x], "mix") == "triton"
