@@ -58,7 +58,9 @@ def patch_gather_reference(x: torch.Tensor, index: torch.Tensor, prefix: int = 0
     """
     B, L, C = x.shape
     rows = _flat_rows(index, L, prefix)  # [B * L]
-    return x.reshape(B * L, C).index_select(0, rows).view(B, L, C)  # [B, L, C]
+    out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)  # a base tensor, not a view:
+    torch.index_select(x.reshape(B * L, C), 0, rows, out=out.view(B * L, C))  # custom ops copy views
+    return out  # [B, L, C]
 
 
 def patch_gather_add_reference(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor,
