@@ -58,8 +58,16 @@ def patch_gather_reference(x: torch.Tensor, index: torch.Tensor, prefix: int = 0
     """
     B, L, C = x.shape
     rows = _flat_rows(index, L, prefix)  # [B * L]
-    out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)  # a base tensor, not a view:
-    torch.index_select(x.reshape(B * L, C), 0, rows, out=out.view(B * L, C))  # custom ops copy views
+    return x.reshape(B * L, C).index_select(0, rows).view(B, L, C)  # [B, L, C]
+
+
+def _gather_torch(x: torch.Tensor, index: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The reference for use inside the custom op: it must return a base tensor, not a view
+    (custom ops copy outputs that are views), hence ``index_select(out=...)``."""
+    B, L, C = x.shape
+    rows = _flat_rows(index, L, prefix)  # [B * L]
+    out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    torch.index_select(x.reshape(B * L, C), 0, rows, out=out.view(B * L, C))
     return out  # [B, L, C]
 
 
@@ -158,7 +166,7 @@ def _patch_gather_op(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor
                      impl: str) -> torch.Tensor:
     if impl == "triton":
         return _launch(x, index, prefix, None)
-    return patch_gather_reference(x, index, prefix)
+    return _gather_torch(x, index, prefix)
 
 
 @_patch_gather_op.register_fake
@@ -185,7 +193,7 @@ def _patch_gather_add_op(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, 
                          prefix: int, impl: str) -> torch.Tensor:
     if impl == "triton":
         return _launch(x, index, prefix, y)
-    return patch_gather_add_reference(y, x, index, prefix)
+    return _gather_torch(x, index, prefix).add_(y)
 
 
 @_patch_gather_add_op.register_fake
