@@ -23,7 +23,7 @@ __all__ = ["IMPLS", "triton_interpret", "has_triton", "triton_unsupported_reason
 IMPLS = ("auto", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_triton() -> bool:
     """Whether the ``triton`` package can be imported (cached)."""
     if importlib.util.find_spec("triton") is None:

@@ -1,0 +1,142 @@
+"""MixReorg's losses: the mixed segmentation loss and the total objective.
+
+``L = w_seg * L_seg(mixed) + w_orig * L_contrast(original) + w_rest * L_contrast(restored)``,
+each contrast being image-text InfoNCE + the multi-label prompt loss (paper: every weight 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.plan import MixPlan
+from .contrastive import ImageTextContrastiveLoss, MultiLabelContrastiveLoss
+
+__all__ = ["MixedSegmentationLoss", "GroupViTContrastive", "MixReorgLoss", "canonical_caption_index"]
+
+
+def canonical_caption_index(keys: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[B]`` keys (e.g. caption ids) -> ``[B]`` in-group index of the FIRST caption of the group
+    equal to each one. Captions that repeat inside a group are one class for the segmentation loss
+    (their text embeddings are identical, so no model could tell their patches apart)."""
+    B = keys.shape[0]
+    k = keys.view(B // group_size, group_size)  # [nG, G]
+    same = k[:, :, None] == k[:, None, :]  # [nG, G, G]: same[g, i, j] = key_i == key_j
+    first = same.to(torch.int8).argmax(dim=2)  # first j equal to i
+    return first.reshape(B)
+
+
+class MixedSegmentationLoss(nn.Module):
+    """Cross-entropy of every mixed patch against the caption of its source image.
+
+    For mixed image ``m`` of group ``g`` with composed assignment ``A_m [S, L]`` (patch -> final
+    segment; straight-through hard in training), normalised segment embeddings ``seg_m [S, D]``
+    and the group's normalised caption embeddings ``T_g [G, D]``::
+
+        logits[m, p, j] = scale * sum_k A_m[k, p] * <seg_m[k], T_g[j]>        target = label[m, p]
+
+    ``caption_keys [B]`` (optional) merges identical captions inside a group into one class (the
+    duplicate columns are masked and targets point at the first copy).
+    """
+
+    def forward(self, assign: torch.Tensor, seg_embed: torch.Tensor, text_embed: torch.Tensor, plan: MixPlan,
+                scale: torch.Tensor | float, caption_keys: torch.Tensor | None = None) -> dict:
+        B, S, L = assign.shape
+        G = plan.group_size
+        if seg_embed.shape[:2] != (B, S) or text_embed.shape[0] != B or plan.labels.shape != (B, L):
+            raise ValueError(
+                f"MixedSegmentationLoss: shapes do not agree: assign {tuple(assign.shape)}, seg_embed "
+                f"{tuple(seg_embed.shape)}, text_embed {tuple(text_embed.shape)}, plan labels {tuple(plan.labels.shape)}"
+            )
+        nG, D = B // G, text_embed.shape[-1]
+        text = text_embed.view(nG, G, D)
+        sim = torch.einsum("ngsd,njd->ngsj", seg_embed.view(nG, G, S, D), text.to(seg_embed.dtype))  # [nG, G, S, G]
+        logits = torch.einsum("ngsl,ngsj->nglj", assign.view(nG, G, S, L).to(sim.dtype), sim)  # [nG, G, L, G]
+        logits = logits * scale
+        target = plan.labels.view(nG, G, L)
+        if caption_keys is not None:
+            first = canonical_caption_index(caption_keys.to(plan.labels.device), G).view(nG, G)
+            dup = first != torch.arange(G, device=first.device)  # [nG, G] column is a repeat
+            logits = logits.masked_fill(dup[:, None, None, :], float("-inf"))
+            target = torch.gather(first, 1, target.reshape(nG, G * L)).view(nG, G, L)
+        flat = logits.reshape(-1, G).float()
+        loss = F.cross_entropy(flat, target.reshape(-1))
+        with torch.no_grad():
+            acc = (flat.argmax(-1) == target.reshape(-1)).float().mean()
+        return {"loss": loss, "acc": acc, "logits": logits.view(B, L, G)}
+
+
+class GroupViTContrastive(nn.Module):
+    """GroupViT's image-text objective: InfoNCE + (if prompts are given) the multi-label loss.
+
+    ``forward(image_embed, text_embed, *, prompt_embed=None, logit_scale, multi_label_scale)``
+    -> ``dict(loss, itc, multi_label, acc)``; scales in log space, as :mod:`mixreorg.losses`.
+    Any module with this signature can replace it in :class:`MixReorgLoss`.
+    """
+
+    def __init__(self, multi_label_weight: float = 1.0) -> None:
+        super().__init__()
+        self.itc = ImageTextContrastiveLoss()
+        self.multi_label = MultiLabelContrastiveLoss()
+        self.multi_label_weight = multi_label_weight
+
+    def forward(self, image_embed, text_embed, *, prompt_embed=None, logit_scale, multi_label_scale=None,
+                **_unused) -> dict:
+        itc = self.itc(image_embed, text_embed, logit_scale)
+        out = {"itc": itc}
+        loss = itc
+        if prompt_embed is not None and self.multi_label_weight:
+            ml = self.multi_label(image_embed, prompt_embed,
+                                  logit_scale if multi_label_scale is None else multi_label_scale)
+            out["multi_label"] = ml
+            loss = loss + self.multi_label_weight * ml
+        with torch.no_grad():
+            sim = image_embed @ text_embed.t()
+            out["acc"] = (sim.argmax(-1) == torch.arange(sim.shape[0], device=sim.device)).float().mean()
+        out["loss"] = loss
+        return out
+
+
+class MixReorgLoss(nn.Module):
+    """The total MixReorg loss over the dict returned by ``MixReorg.forward``.
+
+    Args:
+        contrastive: the image-text objective applied to the original and restored branches
+            (default :class:`GroupViTContrastive`); the same module serves every compared model.
+        seg_weight, original_weight, restored_weight: loss weights (paper: 1, 1, 1); a weight
+            of 0 switches that term off (the ablations of Table 6).
+        merge_duplicate_captions: treat identical captions inside a group as one class in L_seg.
+    """
+
+    def __init__(self, contrastive: nn.Module | Callable | None = None, seg_weight: float = 1.0,
+                 original_weight: float = 1.0, restored_weight: float = 1.0,
+                 merge_duplicate_captions: bool = True) -> None:
+        super().__init__()
+        self.contrastive = contrastive if contrastive is not None else GroupViTContrastive()
+        self.seg = MixedSegmentationLoss()
+        self.seg_weight, self.original_weight, self.restored_weight = seg_weight, original_weight, restored_weight
+        self.merge_duplicate_captions = merge_duplicate_captions
+
+    def forward(self, out: dict, caption_keys: torch.Tensor | None = None, **contrastive_kwargs) -> dict:
+        kw = dict(prompt_embed=out.get("prompt_embed"), logit_scale=out["logit_scale"],
+                  multi_label_scale=out.get("multi_label_logit_scale"), **contrastive_kwargs)
+        logs: dict = {}
+        total = out["text_embed"].new_zeros(())
+        for name, w in (("original", self.original_weight), ("restored", self.restored_weight)):
+            if not w:
+                continue
+            c = self.contrastive(out[name]["image_embed"], out["text_embed"], **kw)
+            total = total + w * c["loss"]
+            logs.update({f"{name}/{k}": v for k, v in c.items()})
+        scale = out["logit_scale"].exp().clamp(max=100)
+        seg = self.seg(out["mixed_assign"], out["mixed"]["seg_embed"], out["text_embed"], out["plan"], scale,
+                       caption_keys if self.merge_duplicate_captions else None)
+        if self.seg_weight:
+            total = total + self.seg_weight * seg["loss"]
+        logs["seg/loss"] = seg["loss"]
+        logs["seg/acc"] = seg["acc"]  # mixed-patch accuracy (chance: 1/G)
+        logs["loss"] = total
+        return logs

@@ -1,0 +1,472 @@
+"""GroupViT image encoder: patch embedding, stages of transformer blocks with group tokens, and
+grouping blocks that merge tokens into fewer and fewer segment tokens (196 -> 64 -> 8 by default).
+
+Stage ``i`` runs its blocks on ``[tokens; group tokens]`` (``[B, L + S_i, C]``), splits the group
+tokens off and, except for the last stage, groups the tokens into ``num_output_groups[i]`` segment
+tokens. From the second stage on the group tokens are a (zero-init) parameter plus a projection of
+the previous stage's group tokens (after its blocks, before its grouping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Block
+from .grouping import GroupingBlock, TokenMlp
+
+__all__ = ["PatchEmbed", "GroupProjector", "GroupViTStage", "GroupViTVisionEncoder", "interpolate_pos_embed"]
+
+
+def _pair(x: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    t = tuple(int(v) for v in x)
+    if len(t) != 2:
+        raise ValueError(f"expected an int or a pair, got {x!r}")
+    return t  # type: ignore[return-value]
+
+
+def interpolate_pos_embed(
+    pos_embed: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Bicubic resize of a ``[1, h*w, C]`` position embedding from ``src_grid`` to ``dst_grid``.
+
+    Returns the input unchanged when the grids are equal (align_corners=False otherwise).
+    """
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos_embed
+    h0, w0 = src_grid
+    C = pos_embed.shape[-1]
+    if pos_embed.shape[1] != h0 * w0:
+        raise ValueError(f"position embedding has {pos_embed.shape[1]} positions, not {h0}x{w0}")
+    grid = pos_embed.reshape(1, h0, w0, C).permute(0, 3, 1, 2)  # [1, C, h0, w0]
+    grid = F.interpolate(grid.float(), size=tuple(dst_grid), mode="bicubic", align_corners=False)
+    return grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, C)  # [1, h*w, C]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches: ``Conv2d(kernel = stride = patch)`` then LayerNorm.
+
+    ``forward(images [B, C_in, H, W]) -> (tokens [B, H/p * W/p, C], (H/p, W/p))``.
+    """
+
+    def __init__(
+        self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384
+    ) -> None:
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.in_chans = in_chans
+        for s, p, name in zip(self.img_size, self.patch_size, ("height", "width")):
+            if s % p != 0:
+                raise ValueError(f"image {name} {s} is not divisible by the patch size {p}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def grid_for(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch grid ``(H/p, W/p)`` of ``images``; ValueError on a bad shape or size."""
+        if images.ndim != 4:
+            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        if images.shape[1] != self.in_chans:
+            raise ValueError(f"images have {images.shape[1]} channels, the model expects {self.in_chans}")
+        H, W = images.shape[-2:]
+        ph, pw = self.patch_size
+        if H % ph != 0 or W % pw != 0:
+            raise ValueError(
+                f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}: resize or pad the "
+                f"images to a multiple of the patch size"
+            )
+        return (H // ph, W // pw)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        grid = self.grid_for(images)
+        x = self.proj(images).flatten(2).transpose(1, 2)  # [B, L, C]
+        return self.norm(x), grid
+
+
+class GroupProjector(nn.Module):
+    """Previous stage's group tokens ``[B, S_prev, C]`` -> ``[B, S, C]``: LayerNorm + token MLP."""
+
+    def __init__(self, dim: int, num_prev: int, num_out: int, hidden: int | None = None, act: str = "gelu") -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = TokenMlp(num_prev, dim // 2 if hidden is None else hidden, num_out, act=act)
+
+    def forward(self, prev_groups: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(prev_groups))
+
+
+class GroupViTStage(nn.Module):
+    """One GroupViT stage: blocks on ``[tokens; group tokens]`` then an optional grouping block.
+
+    Attributes: ``group_token`` (``[1, S, C]`` parameter or None), ``group_projector``
+    (:class:`GroupProjector` or None), ``blocks`` (``ModuleList`` of :class:`Block`), ``downsample``
+    (:class:`GroupingBlock` or None).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        num_group_tokens: int,
+        num_prev_group_tokens: int,
+        num_output_groups: int | None,
+        drop_path: Sequence[float],
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        hard_assignment: bool = True,
+        gumbel: bool = True,
+        gumbel_tau: float = 1.0,
+        assign_eps: float = 1.0,
+        assign_mlp_ratio: tuple[float, float] = (0.5, 4.0),
+        cross_attn_mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        use_checkpoint: bool = False,
+        attn_backend: str = "sdpa",
+        assign_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_group_tokens = num_group_tokens
+        self.use_checkpoint = use_checkpoint
+        if num_group_tokens > 0:
+            self.group_token = nn.Parameter(torch.zeros(1, num_group_tokens, dim))
+        else:
+            self.register_parameter("group_token", None)
+        if num_group_tokens > 0 and num_prev_group_tokens > 0:
+            self.group_projector: GroupProjector | None = GroupProjector(
+                dim, num_prev_group_tokens, num_group_tokens, act=act
+            )
+        else:
+            self.group_projector = None
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=drop_path[j],
+                act=act,
+                backend=attn_backend,
+            )
+            for j in range(depth)
+        )
+        if num_output_groups is not None:
+            self.downsample: GroupingBlock | None = GroupingBlock(
+                dim,
+                num_heads,
+                num_group_tokens,
+                num_output_groups,
+                assign_mlp_ratio=assign_mlp_ratio,
+                cross_attn_mlp_ratio=cross_attn_mlp_ratio,
+                qkv_bias=qkv_bias,
+                hard=hard_assignment,
+                gumbel=gumbel,
+                tau=gumbel_tau,
+                assign_eps=assign_eps,
+                act=act,
+                attn_backend=attn_backend,
+                assign_impl=assign_impl,
+            )
+        else:
+            self.downsample = None
+
+    def init_group_tokens(self, batch: int, prev_group_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """This stage's group tokens ``[B, S, C]`` (None if it has none)."""
+        if self.group_token is None:
+            return None
+        g = self.group_token.expand(batch, -1, -1)
+        if self.group_projector is not None:
+            if prev_group_tokens is None:
+                raise ValueError("this stage projects the previous stage's group tokens: pass them")
+            g = g + self.group_projector(prev_group_tokens)
+        return g
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def forward_blocks(
+        self, x: torch.Tensor, group_tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the blocks on ``[x; group_tokens]``; return ``(x [B, L, C], group_tokens [B, S, C])``."""
+        L = x.shape[1]
+        h = x if group_tokens is None else torch.cat([x, group_tokens], dim=1)  # [B, L + S, C]
+        for blk in self.blocks:
+            h = self._run_block(blk, h)
+        if group_tokens is None:
+            return h, None
+        return h[:, :L], h[:, L:]
+
+    def group(self, x: torch.Tensor, group_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grouping block: ``(segment tokens [B, S_out, C], hard [B, S_out, L], soft [B, S_out, L])``."""
+        if self.downsample is None:
+            raise ValueError("this stage has no grouping block (it is the last stage)")
+        return self.downsample(x, group_tokens)
+
+    def forward(
+        self, x: torch.Tensor, prev_group_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(x_out, group_tokens_after_blocks, hard, soft)``; maps are None without grouping."""
+        g = self.init_group_tokens(x.shape[0], prev_group_tokens)
+        x, g = self.forward_blocks(x, g)
+        if self.downsample is None:
+            return x, g, None, None
+        out, hard, soft = self.group(x, g)
+        return out, g, hard, soft
+
+
+class GroupViTVisionEncoder(nn.Module):
+    """Configurable GroupViT image encoder (defaults: GroupViT-S, 224 px, patch 16, width 384).
+
+    Args:
+        img_size: training image size (int or (H, W)); other sizes divisible by the patch size
+            work too, with a bicubic-interpolated position embedding.
+        patch_size: patch size p.
+        in_chans: input channels.
+        embed_dim: width C.
+        num_heads: attention heads (all stages).
+        depths: blocks per stage.
+        num_group_tokens: group tokens per stage (last stage: 0).
+        num_output_groups: segment tokens out of each grouping block (``len(depths) - 1`` values).
+        mlp_ratio, qkv_bias, drop_rate, attn_drop_rate: block options.
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+        hard_assignment: one-hot (straight-through) assignment; gumbel: Gumbel noise in training.
+        gumbel_tau, assign_eps, assign_mlp_ratio: grouping options (GroupViT: 1, 1, (0.5, 4)).
+        cross_attn_mlp_ratio: MLP ratio of the grouping blocks' cross-attention (None: ``mlp_ratio``,
+            as Hugging Face; NVlabs fixes it at 4, the same value at the default ``mlp_ratio``).
+        act: MLP activation (``"gelu"``).
+        use_checkpoint: activation checkpointing of every block (``torch.utils.checkpoint``).
+        attn_backend: ``"sdpa" | "xformers" | "auto"``; assign_impl: ``gumbel_assign`` backend.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        num_heads: int = 6,
+        depths: Sequence[int] = (6, 3, 3),
+        num_group_tokens: Sequence[int] = (64, 8, 0),
+        num_output_groups: Sequence[int] = (64, 8),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        hard_assignment: bool = True,
+        gumbel: bool = True,
+        gumbel_tau: float = 1.0,
+        assign_eps: float = 1.0,
+        assign_mlp_ratio: Sequence[float] = (0.5, 4.0),
+        cross_attn_mlp_ratio: float | None = None,
+        act: str = "gelu",
+        use_checkpoint: bool = False,
+        attn_backend: str = "sdpa",
+        assign_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        depths, num_group_tokens, num_output_groups = list(depths), list(num_group_tokens), list(num_output_groups)
+        n = len(depths)
+        if n < 1 or any(d < 0 for d in depths):
+            raise ValueError(f"depths must be a non-empty list of non-negative ints, got {depths}")
+        if len(num_group_tokens) != n:
+            raise ValueError(f"num_group_tokens needs one value per stage ({n}), got {num_group_tokens}")
+        if len(num_output_groups) != n - 1:
+            raise ValueError(f"num_output_groups needs one value per grouping stage ({n - 1}), got {num_output_groups}")
+        if num_group_tokens[-1] != 0:
+            raise ValueError(
+                f"the last stage has no grouping block: num_group_tokens[-1] must be 0, got {num_group_tokens}"
+            )
+        if any(s <= 0 for s in num_group_tokens[:-1]) or any(s <= 0 for s in num_output_groups):
+            raise ValueError(
+                f"every grouping stage needs > 0 group tokens and output groups, got {num_group_tokens} / "
+                f"{num_output_groups}"
+            )
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.depths = tuple(depths)
+        self.num_group_tokens = tuple(num_group_tokens)
+        self.num_output_groups = tuple(num_output_groups)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        total = sum(depths)
+        dpr = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]  # linear 0 -> rate
+        stages = []
+        start = 0
+        for i in range(n):
+            stages.append(
+                GroupViTStage(
+                    embed_dim,
+                    depths[i],
+                    num_heads,
+                    num_group_tokens=num_group_tokens[i],
+                    num_prev_group_tokens=num_group_tokens[i - 1] if i > 0 else 0,
+                    num_output_groups=num_output_groups[i] if i < n - 1 else None,
+                    drop_path=dpr[start : start + depths[i]],
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop_rate=drop_rate,
+                    attn_drop_rate=attn_drop_rate,
+                    hard_assignment=hard_assignment,
+                    gumbel=gumbel,
+                    gumbel_tau=gumbel_tau,
+                    assign_eps=assign_eps,
+                    assign_mlp_ratio=tuple(assign_mlp_ratio),
+                    cross_attn_mlp_ratio=mlp_ratio if cross_attn_mlp_ratio is None else cross_attn_mlp_ratio,
+                    act=act,
+                    use_checkpoint=use_checkpoint,
+                    attn_backend=attn_backend,
+                    assign_impl=assign_impl,
+                )
+            )
+            start += depths[i]
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ set-up
+    def reset_parameters(self) -> None:
+        """GroupViT init: trunc-normal(0.02) Linear weights and position embedding, zero biases,
+        unit LayerNorms, trunc-normal first-stage group tokens, zero projected group tokens."""
+
+        def init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(init)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for st in self.stages:
+            if st.group_token is not None:
+                if st.group_projector is None:
+                    nn.init.trunc_normal_(st.group_token, std=0.02)
+                else:
+                    nn.init.zeros_(st.group_token)
+
+    @property
+    def width(self) -> int:
+        """Channel width C of the output tokens."""
+        return self.embed_dim
+
+    @property
+    def use_checkpoint(self) -> bool:
+        """Activation checkpointing of the transformer blocks (settable)."""
+        return all(st.use_checkpoint for st in self.stages)
+
+    @use_checkpoint.setter
+    def use_checkpoint(self, flag: bool) -> None:
+        for st in self.stages:
+            st.use_checkpoint = bool(flag)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that should not be weight-decayed (position embedding, group tokens)."""
+        names = {"pos_embed"}
+        names |= {f"stages.{i}.group_token" for i, st in enumerate(self.stages) if st.group_token is not None}
+        return names
+
+    # ------------------------------------------------------------------ pieces
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embedding ``[1, h*w, C]`` for a patch grid (bicubic-interpolated if needed)."""
+        return interpolate_pos_embed(self.pos_embed, self.patch_embed.grid_size, grid)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``images [B, C_in, H, W] -> tokens [B, L, C]`` with position embedding (and dropout)."""
+        x, grid = self.patch_embed(images)  # [B, L, C]
+        return self.pos_drop(x + self.pos_embed_for(grid))
+
+    def forward_stage(
+        self, i: int, x: torch.Tensor, prev_group_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Stage ``i``: ``(x_out, group_tokens_after_blocks, hard, soft)`` (see GroupViTStage)."""
+        return self.stages[i](x, prev_group_tokens)
+
+    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final LayerNorm and average pool: ``(tokens [B, S, C], pooled [B, C])``."""
+        x = self.norm(x)
+        return x, x.mean(dim=1)
+
+    def forward_from_stage_output(
+        self,
+        i: int,
+        x: torch.Tensor,
+        group_tokens: torch.Tensor | None,
+        return_maps: bool = False,
+        grid: tuple[int, int] | None = None,
+    ) -> dict:
+        """Continue after the BLOCKS of stage ``i``: its grouping, stages ``i+1..``, norm and pool.
+
+        ``x [B, L, C]`` and ``group_tokens [B, S_i, C]`` are stage ``i``'s outputs of
+        :meth:`GroupViTStage.forward_blocks`. Returns the same dict as :meth:`forward` (only the
+        maps of stages ``>= i``).
+        """
+        hard_maps: list[torch.Tensor] = []
+        soft_maps: list[torch.Tensor] = []
+        st = self.stages[i]
+        if st.downsample is not None:
+            x, hard, soft = st.group(x, group_tokens)
+            hard_maps.append(hard)
+            soft_maps.append(soft)
+        prev = group_tokens
+        for j in range(i + 1, len(self.stages)):
+            x, prev, hard, soft = self.stages[j](x, prev)
+            if hard is not None:
+                hard_maps.append(hard)
+                soft_maps.append(soft)
+        tokens, pooled = self.head(x)
+        return {
+            "tokens": tokens,
+            "pooled": pooled,
+            "hard_maps": hard_maps if return_maps else [],
+            "soft_maps": soft_maps if return_maps else [],
+            "grid": grid,
+        }
+
+    def forward_from_stage1_output(
+        self,
+        x: torch.Tensor,
+        group_tokens: torch.Tensor,
+        return_maps: bool = False,
+        grid: tuple[int, int] | None = None,
+    ) -> dict:
+        """Hand-off for encoders that run the first stage's blocks themselves (MixReorg).
+
+        Typical use: ``x = enc.embed(images)``; ``g = enc.stages[0].init_group_tokens(B)``;
+        run ``enc.stages[0].blocks`` on ``[x; g]`` (or :meth:`GroupViTStage.forward_blocks`);
+        then ``enc.forward_from_stage1_output(x, g)``.
+        """
+        return self.forward_from_stage_output(0, x, group_tokens, return_maps=return_maps, grid=grid)
+
+    def forward(self, images: torch.Tensor, return_maps: bool = False) -> dict:
+        """Encode images.
+
+        Returns a dict: ``tokens [B, S_final, C]`` (after the final norm), ``pooled [B, C]``,
+        ``hard_maps`` / ``soft_maps`` (lists of ``[B, S_i, N_i]``, one per grouping stage, empty
+        unless ``return_maps``) and ``grid`` (the patch grid ``(H/p, W/p)``).
+        """
+        grid = self.patch_embed.grid_for(images)
+        x = self.embed(images)
+        g = self.stages[0].init_group_tokens(x.shape[0])
+        x, g = self.stages[0].forward_blocks(x, g)
+        return self.forward_from_stage_output(0, x, g, return_maps=return_maps, grid=grid)

@@ -1,0 +1,720 @@
+"""Import (and export) of public GroupViT weights into :class:`mixreorg.nn.GroupViT`.
+
+Two layouts are understood:
+
+* Hugging Face ``transformers`` (``GroupViTModel.state_dict()``; keys ``vision_model.*``,
+  ``text_model.*``, ``visual_projection.*``, ``text_projection.*``, ``logit_scale``).
+* The official NVlabs/GroupViT checkpoints (``{'model': state_dict, ...}``; keys ``img_encoder.*``,
+  ``text_encoder.*``, ``img_projector.*``, ``text_projector.*``, ``logit_scale``,
+  ``multi_label_logit_scale``).
+
+One table per layout maps every key of our model to the key(s) of the other layout; the same table
+drives import (``*_to_ours``) and export (``ours_to_*``). Fused projections are concatenated on
+import and split on export (HF's separate ``q/k/v_proj`` -> our ``qkv``; NVlabs' 1x1 ``Conv1d``
+heads -> our ``Linear``). Missing or unexpected keys, and shape mismatches, raise ``ValueError``
+naming them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .groupvit import GroupViT
+
+__all__ = [
+    "config_from_hf",
+    "config_from_nvlabs",
+    "infer_config_from_hf_state_dict",
+    "infer_config_from_nvlabs_state_dict",
+    "hf_to_ours",
+    "ours_to_hf",
+    "nvlabs_to_ours",
+    "ours_to_nvlabs",
+    "load_hf_groupvit",
+    "load_nvlabs_groupvit",
+]
+
+# A rule maps an our-key regex to a function of its match groups giving (their keys, kind).
+# kind: "copy" (same tensor), "cat" (concatenate their tensors on dim 0 / split on export),
+# "conv1x1" (their Conv1d weight [O, I, 1] <-> our Linear weight [O, I]).
+_Rule = tuple[str, Callable[..., tuple[list[str], str]]]
+
+# keys that may be absent from a source state dict: our freshly initialised value is kept
+_OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+_OPTIONAL_KEYS = ("multi_label_logit_scale",)
+# source keys that carry no weights (buffers recomputed by the model)
+_IGNORED_SOURCE = {
+    "hf": (
+        re.compile(r"^text_model\.embeddings\.position_ids$"),
+        re.compile(r"^vision_model\.embeddings\.position_ids$"),
+    ),
+    "nvlabs": (),
+}
+
+
+def _one(key: str) -> tuple[list[str], str]:
+    return [key], "copy"
+
+
+# ---------------------------------------------------------------------------------- sub-tables
+def _block_hf(prefix: str, rest: str) -> tuple[list[str], str] | None:
+    m = re.fullmatch(r"attn\.qkv\.(weight|bias)", rest)
+    if m:
+        p = m.group(1)
+        return [f"{prefix}self_attn.{n}_proj.{p}" for n in ("q", "k", "v")], "cat"
+    table = {
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+        "attn.proj": "self_attn.out_proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    mod, _, p = rest.rpartition(".")
+    if mod in table:
+        return _one(f"{prefix}{table[mod]}.{p}")
+    return None
+
+
+def _block_nvlabs_vision(prefix: str, rest: str) -> tuple[list[str], str] | None:
+    mod, _, _ = rest.rpartition(".")
+    if mod in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        return _one(prefix + rest)
+    return None
+
+
+def _block_nvlabs_text(prefix: str, rest: str) -> tuple[list[str], str] | None:
+    if rest in ("attn.qkv.weight", "attn.qkv.bias"):
+        return _one(f"{prefix}attn.in_proj_{rest.rsplit('.', 1)[1]}")
+    table = {
+        "norm1": "ln_1",
+        "norm2": "ln_2",
+        "attn.proj": "attn.out_proj",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
+    mod, _, p = rest.rpartition(".")
+    if mod in table:
+        return _one(f"{prefix}{table[mod]}.{p}")
+    return None
+
+
+def _grouping(prefix: str, rest: str, cross_out: str) -> tuple[list[str], str] | None:
+    mod, _, p = rest.rpartition(".")
+    if mod == "cross_attn.attn.kv":
+        return [f"{prefix}pre_assign_attn.attn.k_proj.{p}", f"{prefix}pre_assign_attn.attn.v_proj.{p}"], "cat"
+    if mod == "assign.kv":
+        return [f"{prefix}assign.k_proj.{p}", f"{prefix}assign.v_proj.{p}"], "cat"
+    table = {
+        "norm_groups": "norm_tokens",
+        "group_mlp.fc1": "mlp_inter.fc1",
+        "group_mlp.fc2": "mlp_inter.fc2",
+        "norm_group_mlp": "norm_post_tokens",
+        "norm_x": "norm_x",
+        "cross_attn.attn.q": "pre_assign_attn.attn.q_proj",
+        "cross_attn.attn.proj": f"pre_assign_attn.attn.{cross_out}",
+        "cross_attn.norm2": "pre_assign_attn.norm2",
+        "cross_attn.mlp.fc1": "pre_assign_attn.mlp.fc1",
+        "cross_attn.mlp.fc2": "pre_assign_attn.mlp.fc2",
+        "cross_attn.norm_post": "pre_assign_attn.norm_post",
+        "assign.q": "assign.q_proj",
+        "assign.proj": "assign.proj",
+        "norm_out": "norm_new_x",
+        "mlp.fc1": "mlp_channels.fc1",
+        "mlp.fc2": "mlp_channels.fc2",
+    }
+    if mod in table:
+        return _one(f"{prefix}{table[mod]}.{p}")
+    return None
+
+
+def _hf_head(name: str, rest: str) -> tuple[list[str], str] | None:
+    # HF heads are nn.Sequential(Linear, BatchNorm1d, ReLU, Linear): indices 0, 1, 3
+    mod, _, p = rest.rpartition(".")
+    idx = {"net.fc1": 0, "net.bn1": 1, "net.out": 3}.get(mod)
+    if idx is None:
+        return None
+    return _one(f"{name}.{idx}.{p}")
+
+
+def _nvlabs_head(name: str, rest: str) -> tuple[list[str], str] | None:
+    mod, _, p = rest.rpartition(".")
+    m = re.fullmatch(r"net\.(fc|bn)(\d+)", mod)
+    if m:
+        i = int(m.group(2)) - 1
+        idx = 3 * i + (0 if m.group(1) == "fc" else 1)
+        kind = "conv1x1" if (m.group(1) == "fc" and p == "weight") else "copy"
+        return [f"{name}.linear_hidden.{idx}.{p}"], kind
+    if mod == "net.out":
+        return [f"{name}.linear_out.{p}"], "conv1x1" if p == "weight" else "copy"
+    return None
+
+
+# ---------------------------------------------------------------------------------- key maps
+def _map_key_hf(key: str) -> tuple[list[str], str] | None:
+    """Our key -> (HF keys, kind), or None when the key has no HF counterpart."""
+    rules: list[tuple[str, Callable[[re.Match[str]], tuple[list[str], str] | None]]] = [
+        (
+            r"vision\.patch_embed\.proj\.(\w+)",
+            lambda m: _one(f"vision_model.embeddings.patch_embeddings.projection.{m[1]}"),
+        ),
+        (r"vision\.patch_embed\.norm\.(\w+)", lambda m: _one(f"vision_model.embeddings.layernorm.{m[1]}")),
+        (r"vision\.pos_embed", lambda m: _one("vision_model.embeddings.position_embeddings")),
+        (r"vision\.stages\.(\d+)\.group_token", lambda m: _one(f"vision_model.encoder.stages.{m[1]}.group_token")),
+        (
+            r"vision\.stages\.(\d+)\.group_projector\.norm\.(\w+)",
+            lambda m: _one(f"vision_model.encoder.stages.{m[1]}.group_projector.0.{m[2]}"),
+        ),
+        (
+            r"vision\.stages\.(\d+)\.group_projector\.mlp\.(fc[12])\.(\w+)",
+            lambda m: _one(f"vision_model.encoder.stages.{m[1]}.group_projector.1.{m[2]}.{m[3]}"),
+        ),
+        (
+            r"vision\.stages\.(\d+)\.blocks\.(\d+)\.(.+)",
+            lambda m: _block_hf(f"vision_model.encoder.stages.{m[1]}.layers.{m[2]}.", m[3]),
+        ),
+        (
+            r"vision\.stages\.(\d+)\.downsample\.(.+)",
+            lambda m: _grouping(f"vision_model.encoder.stages.{m[1]}.downsample.", m[2], "out_proj"),
+        ),
+        (r"vision\.norm\.(\w+)", lambda m: _one(f"vision_model.layernorm.{m[1]}")),
+        (r"text\.token_embed\.weight", lambda m: _one("text_model.embeddings.token_embedding.weight")),
+        (r"text\.pos_embed", lambda m: _one("text_model.embeddings.position_embedding.weight")),
+        (r"text\.blocks\.(\d+)\.(.+)", lambda m: _block_hf(f"text_model.encoder.layers.{m[1]}.", m[2])),
+        (r"text\.norm\.(\w+)", lambda m: _one(f"text_model.final_layer_norm.{m[1]}")),
+        (r"image_proj\.(.+)", lambda m: _hf_head("visual_projection", m[1])),
+        (r"text_proj\.(.+)", lambda m: _hf_head("text_projection", m[1])),
+        (r"logit_scale", lambda m: _one("logit_scale")),
+    ]
+    for pat, fn in rules:
+        m = re.fullmatch(pat, key)
+        if m:
+            return fn(m)
+    return None
+
+
+def _map_key_nvlabs(key: str) -> tuple[list[str], str] | None:
+    """Our key -> (NVlabs keys, kind), or None when the key has no NVlabs counterpart."""
+    rules: list[tuple[str, Callable[[re.Match[str]], tuple[list[str], str] | None]]] = [
+        (r"vision\.patch_embed\.(proj|norm)\.(\w+)", lambda m: _one(f"img_encoder.patch_embed.{m[1]}.{m[2]}")),
+        (r"vision\.pos_embed", lambda m: _one("img_encoder.pos_embed")),
+        (r"vision\.stages\.(\d+)\.group_token", lambda m: _one(f"img_encoder.layers.{m[1]}.group_token")),
+        (
+            r"vision\.stages\.(\d+)\.group_projector\.norm\.(\w+)",
+            lambda m: _one(f"img_encoder.layers.{m[1]}.group_projector.0.{m[2]}"),
+        ),
+        (
+            r"vision\.stages\.(\d+)\.group_projector\.mlp\.(fc[12])\.(\w+)",
+            lambda m: _one(f"img_encoder.layers.{m[1]}.group_projector.1.{m[2]}.{m[3]}"),
+        ),
+        (
+            r"vision\.stages\.(\d+)\.blocks\.(\d+)\.(.+)",
+            lambda m: _block_nvlabs_vision(f"img_encoder.layers.{m[1]}.blocks.{m[2]}.", m[3]),
+        ),
+        (
+            r"vision\.stages\.(\d+)\.downsample\.(.+)",
+            lambda m: _grouping(f"img_encoder.layers.{m[1]}.downsample.", m[2], "proj"),
+        ),
+        (r"vision\.norm\.(\w+)", lambda m: _one(f"img_encoder.norm.{m[1]}")),
+        (r"text\.token_embed\.weight", lambda m: _one("text_encoder.token_embedding.weight")),
+        (r"text\.pos_embed", lambda m: _one("text_encoder.positional_embedding")),
+        (
+            r"text\.blocks\.(\d+)\.(.+)",
+            lambda m: _block_nvlabs_text(f"text_encoder.transformer.resblocks.{m[1]}.", m[2]),
+        ),
+        (r"text\.norm\.(\w+)", lambda m: _one(f"text_encoder.ln_final.{m[1]}")),
+        (r"image_proj\.(.+)", lambda m: _nvlabs_head("img_projector", m[1])),
+        (r"text_proj\.(.+)", lambda m: _nvlabs_head("text_projector", m[1])),
+        (r"logit_scale", lambda m: _one("logit_scale")),
+        (r"multi_label_logit_scale", lambda m: _one("multi_label_logit_scale")),
+    ]
+    for pat, fn in rules:
+        m = re.fullmatch(pat, key)
+        if m:
+            return fn(m)
+    return None
+
+
+_MAPPERS = {"hf": _map_key_hf, "nvlabs": _map_key_nvlabs}
+_NAMES = {"hf": "Hugging Face", "nvlabs": "NVlabs"}
+
+
+def _is_optional(key: str) -> bool:
+    return key.endswith(_OPTIONAL_SUFFIXES) or key in _OPTIONAL_KEYS
+
+
+def _fmt_keys(keys: list[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _to_ours(fmt: str, state_dict: Mapping[str, torch.Tensor], model: GroupViT) -> dict[str, torch.Tensor]:
+    mapper = _MAPPERS[fmt]
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    unmapped: list[str] = []
+    shape_errors: list[str] = []
+    for key, ref in ours.items():
+        rule = mapper(key)
+        if rule is None:
+            if _is_optional(key):
+                continue
+            unmapped.append(key)
+            continue
+        theirs, kind = rule
+        absent = [t for t in theirs if t not in state_dict]
+        if absent:
+            if not _is_optional(key):
+                missing.extend(absent)
+            continue
+        used.update(theirs)
+        tensors = [torch.as_tensor(state_dict[t]) for t in theirs]
+        if kind == "cat":
+            value = torch.cat(tensors, dim=0)
+        elif kind == "conv1x1":
+            value = tensors[0]
+            if value.ndim == 3 and value.shape[-1] == 1:
+                value = value[..., 0]
+        else:
+            value = tensors[0]
+        if tuple(value.shape) != tuple(ref.shape):
+            shapes = " + ".join(str(tuple(t.shape)) for t in tensors)
+            shape_errors.append(f"{key} <- {' + '.join(theirs)}: {shapes} vs ours {tuple(ref.shape)}")
+            continue
+        out[key] = value.detach().to(dtype=ref.dtype, copy=True)  # never share storage with the source
+    ignored = _IGNORED_SOURCE[fmt]
+    unexpected = [k for k in state_dict if k not in used and not any(p.fullmatch(k) for p in ignored)]
+    problems = []
+    if unmapped:
+        problems.append(f"our keys with no {_NAMES[fmt]} counterpart: {_fmt_keys(unmapped)}")
+    if missing:
+        problems.append(f"missing keys in the {_NAMES[fmt]} state dict: {_fmt_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys in the {_NAMES[fmt]} state dict: {_fmt_keys(unexpected)}")
+    if shape_errors:
+        problems.append("shape mismatches (is the config right?): " + "; ".join(shape_errors[:20]))
+    if problems:
+        raise ValueError(f"cannot load the {_NAMES[fmt]} GroupViT weights: " + " | ".join(problems))
+    return out
+
+
+def _from_ours(fmt: str, model_or_state: GroupViT | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    mapper = _MAPPERS[fmt]
+    sd = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        rule = mapper(key)
+        if rule is None:
+            if _is_optional(key):
+                continue
+            raise ValueError(f"our key {key!r} has no {_NAMES[fmt]} counterpart")
+        theirs, kind = rule
+        value = value.detach().clone()
+        if kind == "cat":
+            for t, part in zip(theirs, value.chunk(len(theirs), dim=0)):
+                out[t] = part.clone()
+        elif kind == "conv1x1":
+            out[theirs[0]] = value[..., None]
+        else:
+            out[theirs[0]] = value
+    return out
+
+
+def hf_to_ours(state_dict: Mapping[str, torch.Tensor], model: GroupViT) -> dict[str, torch.Tensor]:
+    """Translate a Hugging Face ``GroupViTModel`` state dict into ``model``'s key layout.
+
+    Raises ``ValueError`` listing missing / unexpected keys and shape mismatches.
+    """
+    return _to_ours("hf", state_dict, model)
+
+
+def ours_to_hf(model: GroupViT | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our weights in the Hugging Face ``GroupViTModel`` layout (``multi_label_logit_scale``,
+    which HF lacks, is dropped)."""
+    return _from_ours("hf", model)
+
+
+def nvlabs_to_ours(state_dict: Mapping[str, torch.Tensor], model: GroupViT) -> dict[str, torch.Tensor]:
+    """Translate an NVlabs ``MultiLabelContrastive`` state dict into ``model``'s key layout."""
+    return _to_ours("nvlabs", _unwrap_nvlabs(state_dict), model)
+
+
+def ours_to_nvlabs(model: GroupViT | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our weights in the NVlabs ``MultiLabelContrastive`` layout (1x1 Conv1d projection heads)."""
+    return _from_ours("nvlabs", model)
+
+
+# ---------------------------------------------------------------------------------- configs
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _single_size(v: Any, what: str) -> int | tuple[int, int]:
+    if isinstance(v, int):
+        return v
+    t = tuple(int(x) for x in v)
+    if len(t) != 2:
+        raise ValueError(f"{what} must be an int or a pair, got {v!r}")
+    return t if t[0] != t[1] else t[0]
+
+
+def config_from_hf(hf_config: Any, **overrides: Any) -> dict:
+    """Our :class:`GroupViT` kwargs from a ``transformers.GroupViTConfig`` (or its ``to_dict()``).
+
+    Training-only options HF does not store (drop-path) keep our defaults; ``overrides`` update
+    the result's top level (``vision=`` / ``text=`` dicts are merged).
+    """
+    v = _get(hf_config, "vision_config")
+    t = _get(hf_config, "text_config")
+    if v is None or t is None:
+        raise ValueError("expected a GroupViTConfig with vision_config and text_config")
+    for cfg, what in ((v, "vision"), (t, "text")):
+        eps = float(_get(cfg, "layer_norm_eps", 1e-5))
+        if abs(eps - 1e-5) > 1e-12:
+            raise ValueError(f"unsupported {what} layer_norm_eps {eps}: only 1e-5 is implemented")
+    depths = list(_get(v, "depths"))
+    hidden = int(_get(v, "hidden_size"))
+    vision = {
+        "img_size": _single_size(_get(v, "image_size"), "image_size"),
+        "patch_size": int(_single_size(_get(v, "patch_size"), "patch_size")),  # type: ignore[arg-type]
+        "in_chans": int(_get(v, "num_channels", 3)),
+        "embed_dim": hidden,
+        "num_heads": int(_get(v, "num_attention_heads")),
+        "depths": depths,
+        "num_group_tokens": list(_get(v, "num_group_tokens")),
+        "num_output_groups": list(_get(v, "num_output_groups"))[: len(depths) - 1],
+        "mlp_ratio": int(_get(v, "intermediate_size")) / hidden,
+        "assign_eps": float(_get(v, "assign_eps", 1.0)),
+        "assign_mlp_ratio": tuple(float(x) for x in _get(v, "assign_mlp_ratio", (0.5, 4.0))),
+        "act": _get(v, "hidden_act", "gelu"),
+        "drop_rate": float(_get(v, "dropout", 0.0)),
+        "attn_drop_rate": float(_get(v, "attention_dropout", 0.0)),
+    }
+    t_hidden = int(_get(t, "hidden_size"))
+    text = {
+        "context_length": int(_get(t, "max_position_embeddings")),
+        "vocab_size": int(_get(t, "vocab_size")),
+        "width": t_hidden,
+        "layers": int(_get(t, "num_hidden_layers")),
+        "heads": int(_get(t, "num_attention_heads")),
+        "mlp_ratio": int(_get(t, "intermediate_size")) / t_hidden,
+        "act": _get(t, "hidden_act", "quick_gelu"),
+    }
+    for act in (vision["act"], text["act"]):
+        if act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"unsupported activation {act!r}: only 'gelu' and 'quick_gelu' are implemented")
+    cfg = {
+        "vision": vision,
+        "text": text,
+        "proj_dim": int(_get(hf_config, "projection_dim")),
+        "proj_hidden": int(_get(hf_config, "projection_intermediate_dim")),
+        "proj_layers": 2,
+        "logit_scale_init": float(_get(hf_config, "logit_scale_init_value", math.log(1 / 0.07))),
+    }
+    return _merge(cfg, overrides)
+
+
+def config_from_nvlabs(model_cfg: Mapping[str, Any], **overrides: Any) -> dict:
+    """Our :class:`GroupViT` kwargs from an NVlabs model config (the ``model:`` section of their
+    YAML: ``img_encoder``, ``text_encoder``, ``output_dim``, ``contrast_temperature``,
+    ``proj_num_layers``, ``multi_label``)."""
+    img = model_cfg.get("img_encoder", {}) or {}
+    txt = model_cfg.get("text_encoder", {}) or {}
+    heads = img.get("num_heads", [6, 6, 6])
+    heads = list(heads) if not isinstance(heads, int) else [heads]
+    if len(set(heads)) != 1:
+        raise ValueError(f"per-stage head counts {heads} are not supported: one value for all stages")
+    factors = list(img.get("embed_factors", [1] * len(img.get("depths", [6, 3, 3]))))
+    if any(f != 1 for f in factors):
+        raise ValueError(f"embed_factors {factors} are not supported: the width must stay constant")
+    vision = {
+        "img_size": img.get("img_size", 224),
+        "patch_size": img.get("patch_size", 16),
+        "in_chans": img.get("in_chans", 3),
+        "embed_dim": img.get("embed_dim", 384),
+        "num_heads": heads[0],
+        "depths": list(img.get("depths", [6, 3, 3])),
+        "num_group_tokens": list(img.get("num_group_tokens", [64, 8, 0])),
+        "num_output_groups": list(img.get("num_output_groups", [64, 8])),
+        "mlp_ratio": img.get("mlp_ratio", 4.0),
+        "cross_attn_mlp_ratio": 4.0,
+        "qkv_bias": img.get("qkv_bias", True),
+        "drop_rate": img.get("drop_rate", 0.0),
+        "attn_drop_rate": img.get("attn_drop_rate", 0.0),
+        "drop_path_rate": img.get("drop_path_rate", 0.1),
+        "hard_assignment": img.get("hard_assignment", True),
+        "gumbel": img.get("hard_assignment", True),
+    }
+    width = txt.get("width", 256)
+    text = {
+        "context_length": txt.get("context_length", 77),
+        "vocab_size": txt.get("vocab_size", 49408),
+        "width": width,
+        "layers": txt.get("layers", 12),
+        "heads": max(width // 64, 1),
+    }
+    cfg = {
+        "vision": vision,
+        "text": text,
+        "proj_dim": model_cfg.get("output_dim", 256),
+        "proj_hidden": 4096,
+        "proj_layers": model_cfg.get("proj_num_layers", 2),
+        "logit_scale_init": math.log(1 / model_cfg.get("contrast_temperature", 0.07)),
+        "multi_label_scale": bool(model_cfg.get("multi_label", 0)) and not model_cfg.get("share_temperature", False),
+    }
+    return _merge(cfg, overrides)
+
+
+def _merge(cfg: dict, overrides: Mapping[str, Any]) -> dict:
+    for k, v in overrides.items():
+        if k in ("vision", "text") and isinstance(v, Mapping):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def _count(keys: list[str], pattern: str) -> int:
+    idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(idx) + 1 if idx else 0
+
+
+def _infer(sd: Mapping[str, torch.Tensor], names: dict[str, str], heads: int | None, text_heads: int | None) -> dict:
+    """Shared shape-based inference; ``names`` gives the layout's key templates."""
+    keys = list(sd)
+
+    def req(name: str, **fmt: Any) -> torch.Tensor:
+        k = names[name].format(**fmt)
+        if k not in sd:
+            raise ValueError(f"cannot infer the config: key {k!r} is missing from the state dict")
+        return sd[k]
+
+    pos = req("pos_embed")
+    proj_w = req("patch_proj")
+    C = pos.shape[-1]
+    side = math.isqrt(pos.shape[1])
+    if side * side != pos.shape[1]:
+        raise ValueError(f"cannot infer a square image size from {pos.shape[1]} positions: pass a config")
+    patch = proj_w.shape[-1]
+    n_stages = _count(keys, names["stage_re"])
+    depths = [_count(keys, names["block_re"].format(i=i)) for i in range(n_stages)]
+    group_tokens = [
+        sd[names["group_token"].format(i=i)].shape[1] if names["group_token"].format(i=i) in sd else 0
+        for i in range(n_stages)
+    ]
+    out_groups = [req("group_mlp_fc2", i=i).shape[0] for i in range(n_stages - 1)]
+    mlp_hidden = req("block_fc1", i=0, j=0).shape[0]
+    tok_hidden = req("group_mlp_fc1", i=0).shape[0] if n_stages > 1 else C // 2
+    ch_hidden = req("channels_fc1", i=0).shape[0] if n_stages > 1 else 4 * C
+    tw = req("text_tok").shape
+    t_pos = req("text_pos")
+    t_layers = _count(keys, names["text_block_re"])
+    t_hidden = req("text_fc1", k=0).shape[0]
+    img_proj_out = req("img_proj_out")
+    proj_hidden = req("img_proj_fc1")
+    vision = {
+        "img_size": side * patch,
+        "patch_size": patch,
+        "in_chans": proj_w.shape[1],
+        "embed_dim": C,
+        "num_heads": heads if heads is not None else max(C // 64, 1),
+        "depths": depths,
+        "num_group_tokens": group_tokens,
+        "num_output_groups": out_groups,
+        "mlp_ratio": mlp_hidden / C,
+        "assign_mlp_ratio": (tok_hidden / C, ch_hidden / C),
+    }
+    text = {
+        "context_length": t_pos.shape[0],
+        "vocab_size": tw[0],
+        "width": tw[1],
+        "layers": t_layers,
+        "heads": text_heads if text_heads is not None else max(tw[1] // 64, 1),
+        "mlp_ratio": t_hidden / tw[1],
+    }
+    return {
+        "vision": vision,
+        "text": text,
+        "proj_dim": img_proj_out.shape[0],
+        "proj_hidden": proj_hidden.shape[0],
+        "proj_layers": 2,
+    }
+
+
+def infer_config_from_hf_state_dict(
+    state_dict: Mapping[str, torch.Tensor], heads: int | None = None, text_heads: int | None = None
+) -> dict:
+    """Our :class:`GroupViT` kwargs read off the tensor shapes of an HF state dict.
+
+    Head counts are not visible in the weights: by default ``width // 64`` (GroupViT's rule: 6
+    image heads at width 384, 4 text heads at width 256); pass ``heads`` / ``text_heads`` else.
+    """
+    v = "vision_model.encoder.stages.{i}."
+    names = {
+        "pos_embed": "vision_model.embeddings.position_embeddings",
+        "patch_proj": "vision_model.embeddings.patch_embeddings.projection.weight",
+        "stage_re": r"vision_model\.encoder\.stages\.(\d+)\.",
+        "block_re": r"vision_model\.encoder\.stages\.{i}\.layers\.(\d+)\.",
+        "group_token": v + "group_token",
+        "group_mlp_fc1": v + "downsample.mlp_inter.fc1.weight",
+        "group_mlp_fc2": v + "downsample.mlp_inter.fc2.weight",
+        "channels_fc1": v + "downsample.mlp_channels.fc1.weight",
+        "block_fc1": v + "layers.{j}.mlp.fc1.weight",
+        "text_tok": "text_model.embeddings.token_embedding.weight",
+        "text_pos": "text_model.embeddings.position_embedding.weight",
+        "text_block_re": r"text_model\.encoder\.layers\.(\d+)\.",
+        "text_fc1": "text_model.encoder.layers.{k}.mlp.fc1.weight",
+        "img_proj_out": "visual_projection.3.weight",
+        "img_proj_fc1": "visual_projection.0.weight",
+    }
+    return _infer(state_dict, names, heads, text_heads)
+
+
+def infer_config_from_nvlabs_state_dict(
+    state_dict: Mapping[str, torch.Tensor], heads: int | None = None, text_heads: int | None = None
+) -> dict:
+    """Our :class:`GroupViT` kwargs read off the shapes of an NVlabs state dict (heads as in
+    :func:`infer_config_from_hf_state_dict`; NVlabs' text tower always uses ``width // 64``)."""
+    sd = _unwrap_nvlabs(state_dict)
+    v = "img_encoder.layers.{i}."
+    names = {
+        "pos_embed": "img_encoder.pos_embed",
+        "patch_proj": "img_encoder.patch_embed.proj.weight",
+        "stage_re": r"img_encoder\.layers\.(\d+)\.",
+        "block_re": r"img_encoder\.layers\.{i}\.blocks\.(\d+)\.",
+        "group_token": v + "group_token",
+        "group_mlp_fc1": v + "downsample.mlp_inter.fc1.weight",
+        "group_mlp_fc2": v + "downsample.mlp_inter.fc2.weight",
+        "channels_fc1": v + "downsample.mlp_channels.fc1.weight",
+        "block_fc1": v + "blocks.{j}.mlp.fc1.weight",
+        "text_tok": "text_encoder.token_embedding.weight",
+        "text_pos": "text_encoder.positional_embedding",
+        "text_block_re": r"text_encoder\.transformer\.resblocks\.(\d+)\.",
+        "text_fc1": "text_encoder.transformer.resblocks.{k}.mlp.c_fc.weight",
+        "img_proj_out": "img_projector.linear_out.weight",
+        "img_proj_fc1": "img_projector.linear_hidden.0.weight",
+    }
+    cfg = _infer(sd, names, heads, text_heads)
+    n_hidden = _count(list(sd), r"img_projector\.linear_hidden\.(\d+)\.")
+    # linear_hidden holds (Conv1d, BatchNorm1d, ReLU) triples; ReLU has no keys
+    cfg["proj_layers"] = (n_hidden - 1) // 3 + 2 if n_hidden else 1
+    cfg["multi_label_scale"] = "multi_label_logit_scale" in sd
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- loaders
+def _load_file(path: str | os.PathLike) -> Mapping[str, Any]:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickled configs (NVlabs saves its OmegaConf config) are refused
+        raise ValueError(
+            f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}): it pickles "
+            "non-tensor objects. If you trust the file, load it yourself with "
+            "torch.load(path, map_location='cpu', weights_only=False) and pass the dict."
+        ) from err
+
+
+def _unwrap_nvlabs(sd: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+    if "model" in sd and isinstance(sd["model"], Mapping):
+        sd = sd["model"]
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _build_loaded(cfg: dict, convert: Callable[[GroupViT], dict[str, torch.Tensor]]) -> GroupViT:
+    """Build the model on the meta device (no wasted init), then assign the converted tensors.
+
+    Optional keys absent from the source get their fresh-init values (``num_batches_tracked = 0``,
+    ``multi_label_logit_scale = logit_scale_init``).
+    """
+    with torch.device("meta"):
+        model = GroupViT(**cfg)
+    sd = convert(model)
+    for key, ref in model.state_dict().items():
+        if key in sd:
+            continue
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.zeros((), dtype=ref.dtype)
+        elif key == "multi_label_logit_scale":
+            sd[key] = torch.tensor(float(cfg.get("logit_scale_init", math.log(1 / 0.07))), dtype=ref.dtype)
+    model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=True, assign=True)
+    return model
+
+
+def load_hf_groupvit(
+    source: Any, config: Any = None, heads: int | None = None, text_heads: int | None = None, **overrides: Any
+) -> GroupViT:
+    """Build a :class:`GroupViT` holding Hugging Face GroupViT weights.
+
+    Args:
+        source: a ``transformers.GroupViTModel``, its state dict, or a path to a ``.bin`` /
+            ``.safetensors`` file.
+        config: a ``GroupViTConfig`` (or its dict); defaults to the model's own config, else the
+            config is inferred from the tensor shapes (heads: ``width // 64`` unless given).
+        overrides: kwargs for :class:`GroupViT` that replace the converted ones
+            (e.g. ``vision={"drop_path_rate": 0.0}``).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = _load_file(source)
+    if isinstance(source, torch.nn.Module):
+        if config is None:
+            config = getattr(source, "config", None)
+        state_dict = source.state_dict()
+    elif isinstance(source, Mapping):
+        state_dict = source
+    else:
+        raise ValueError(f"source must be a GroupViTModel, a state dict or a path, got {type(source).__name__}")
+    if config is not None:
+        cfg = config_from_hf(config, **overrides)
+    else:
+        cfg = _merge(infer_config_from_hf_state_dict(state_dict, heads, text_heads), overrides)
+    return _build_loaded(cfg, lambda model: hf_to_ours(state_dict, model))
+
+
+def load_nvlabs_groupvit(
+    source: Any,
+    config: Mapping[str, Any] | None = None,
+    heads: int | None = None,
+    text_heads: int | None = None,
+    **overrides: Any,
+) -> GroupViT:
+    """Build a :class:`GroupViT` holding NVlabs/GroupViT weights.
+
+    Args:
+        source: an NVlabs checkpoint dict (``{'model': state_dict, ...}``), a bare state dict, or a
+            path (read with ``weights_only=True``; NVlabs' own ``.pth`` files pickle their config and
+            must be loaded by the caller, see the error message).
+        config: our :class:`GroupViT` kwargs (a dict with ``vision`` / ``text`` keys) or NVlabs'
+            ``model:`` config (with ``img_encoder`` / ``text_encoder``); None: inferred from the
+            shapes (image heads ``width // 64`` unless ``heads`` is given).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = _load_file(source)
+    if not isinstance(source, Mapping):
+        raise ValueError(f"source must be a checkpoint dict, a state dict or a path, got {type(source).__name__}")
+    state_dict = _unwrap_nvlabs(source)
+    if config is None:
+        cfg = _merge(infer_config_from_nvlabs_state_dict(state_dict, heads, text_heads), overrides)
+    elif "img_encoder" in config or "text_encoder" in config:
+        cfg = config_from_nvlabs(config, **overrides)
+    else:
+        cfg = _merge({k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items()}, overrides)
+    return _build_loaded(cfg, lambda model: nvlabs_to_ours(state_dict, model))
