@@ -225,7 +225,7 @@ def test_csv_pairs(tmp_path: Path, pair_folder: Path) -> None:
     table.write_text(
         "filepath,title,extra\n"
         f"{pair_folder / 'img0.jpg'},first caption,1\n"
-        "pairs/img1.jpg,\"second, with comma\",2\n"
+        'pairs/img1.jpg,"second, with comma",2\n'
         "pairs/gone.jpg,missing file,3\n"
         "pairs/img2.jpg,,4\n"
     )
@@ -288,7 +288,9 @@ def test_random_resized_crop() -> None:
     b = crop(img, np.random.default_rng(3))
     assert a.size == (24, 24) and np.array_equal(np.asarray(a), np.asarray(b))
     # a tall image that admits no crop of the ratio range falls back to a centre crop
-    top, left, h, w = T.RandomResizedCrop(8, scale=(1.0, 1.0), ratio=(1.0, 1.0)).params(10, 100, np.random.default_rng(0))
+    top, left, h, w = T.RandomResizedCrop(8, scale=(1.0, 1.0), ratio=(1.0, 1.0)).params(
+        10, 100, np.random.default_rng(0)
+    )
     assert (h, w) == (10, 10) and top == 45
     with pytest.raises(ValueError, match="scale"):
         T.RandomResizedCrop(8, scale=(0.5, 0.1))
@@ -331,7 +333,10 @@ def test_pipelines_and_resizes() -> None:
 
 
 def test_data_package_does_not_import_torchvision() -> None:
-    code = "import sys, mixreorg.data, mixreorg.metrics, mixreorg.checkpoint, mixreorg.viz; print('torchvision' in sys.modules)"
+    code = (
+        "import sys, mixreorg.data, mixreorg.metrics, mixreorg.checkpoint, mixreorg.viz; "
+        "print('torchvision' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"

@@ -16,11 +16,13 @@ workers prefetch ahead of the trainer, so only the *trainer* knows what was cons
 
 Skipped samples (corrupt image, missing caption, ...) are never dropped silently: the worker logs a
 warning (``logging`` logger ``mixreorg.data``) and each batch carries ``batch["_stats"]``, the
-counts skipped while forming it; ``observe`` accumulates them into ``stream.stats``.
+counts skipped while forming it (so skips after the last delivered batch are reported with the next
+one); ``observe`` accumulates them into ``stream.stats`` and ``stream.stats_report()`` prints them.
 
 Per-sample mode (``batch_size=None``) yields single samples with the same ``_state``/``_stats``
-keys; it is exact when iterated in the main process (or with one worker), but with several workers
-the ``DataLoader``'s own batching interleaves workers per sample: use ``batch_size`` then.
+keys; it is exact when iterated in the main process (or with one worker). A ``DataLoader`` may still
+batch such items (the keys collate), but its batches interleave workers and cannot be ``observe``d:
+give the stream a ``batch_size`` for exact resume with workers.
 """
 
 from __future__ import annotations
@@ -165,8 +167,8 @@ class ResumableStream(IterableDataset):
             if fast is not None:
                 for after, batch in fast:
                     batch["_state"] = {"role": role, "num_roles": num_roles, "pointer": after}
-                    batch["_stats"] = {"samples": self.batch_size}
-                    batch["_skipped"] = []
+                    batch["_stats"] = self._full_stats(Counter(samples=self.batch_size))
+                    batch["_skipped"] = ""
                     yield batch
                 return
         delta: Counter[str] = Counter()
@@ -186,8 +188,8 @@ class ResumableStream(IterableDataset):
             delta["samples"] += 1
             if self.batch_size is None:
                 sample["_state"] = {"role": role, "num_roles": num_roles, "pointer": after}
-                sample["_stats"] = dict(delta)
-                sample["_skipped"] = examples
+                sample["_stats"] = self._full_stats(delta)
+                sample["_skipped"] = "\n".join(f"{r}: {d}" for r, d in examples)
                 delta, examples = Counter(), []
                 yield sample
                 continue
@@ -195,10 +197,15 @@ class ResumableStream(IterableDataset):
             if len(buffer) == self.batch_size:
                 batch = collate_samples(buffer)
                 batch["_state"] = {"role": role, "num_roles": num_roles, "pointer": after}
-                batch["_stats"] = dict(delta)
-                batch["_skipped"] = examples
+                batch["_stats"] = self._full_stats(delta)
+                batch["_skipped"] = "\n".join(f"{r}: {d}" for r, d in examples)
                 buffer, delta, examples = [], Counter(), []
                 yield batch
+
+    @staticmethod
+    def _full_stats(delta: Counter[str]) -> dict[str, int]:
+        # the same keys on every item, so that a DataLoader can still collate per-sample items
+        return {"samples": int(delta["samples"]), **{r: int(delta[r]) for r in SKIP_REASONS}}
 
     # ------------------------------------------------------------------ position bookkeeping
     def observe(self, batch: dict[str, Any]) -> None:
@@ -210,6 +217,11 @@ class ResumableStream(IterableDataset):
                 f"{type(self).__name__}.observe: the batch has no '_state' entry; pass the batch exactly "
                 "as this stream yielded it (use DataLoader(batch_size=None, ...) so it is not re-collated)"
             ) from None
+        if isinstance(state.get("role"), torch.Tensor):
+            raise ValueError(
+                f"{type(self).__name__}.observe: this batch was collated by the DataLoader from per-sample items; "
+                "give the stream a batch_size and use DataLoader(batch_size=None) to resume exactly"
+            )
         role, num_roles = int(state["role"]), int(state["num_roles"])
         if self._num_roles != num_roles:
             if self._num_roles is not None and self._consumed > 0:
@@ -221,9 +233,10 @@ class ResumableStream(IterableDataset):
         self._consumed += 1
         for key, value in batch.get("_stats", {}).items():
             self._stats[key] += int(value)
-        for example in batch.get("_skipped", []):
+        for line in str(batch.get("_skipped", "")).splitlines():
             if len(self._examples) < _MAX_EXAMPLES:
-                self._examples.append((str(example[0]), str(example[1])))
+                reason, _, detail = line.partition(": ")
+                self._examples.append((reason, detail))
 
     @property
     def consumed(self) -> int:

@@ -2,7 +2,7 @@
 
 Every image is a function of ``(seed, split, index)`` only, so the training stream is infinite and
 exactly resumable, and the evaluation split is fixed by its seed. Rendering is vectorised numpy on
-each object's bounding box (``python -m mixreorg.data.synthshapes --bench`` measures it).
+each object's bounding box (``python -m mixreorg.data --bench`` measures it).
 
 Classes (``SynthShapes.CLASS_NAMES``, the index used in masks)::
 
@@ -25,7 +25,7 @@ Classes (``SynthShapes.CLASS_NAMES``, the index used in masks)::
   multi-label prompt loss. ``labels``: multi-hot ``[10]`` of the classes visible in the mask.
 
 Chance level on the default eval split (512 images, 64x64, default config; computed by
-:func:`chance_miou`, reproduce with ``python -m mixreorg.data.synthshapes --chance``): see
+:func:`chance_miou`, reproduce with ``python -m mixreorg.data --chance``): see
 :data:`CHANCE_NOTE`.
 """
 
@@ -55,7 +55,7 @@ __all__ = [
     "CHANCE_NOTE",
 ]
 
-#: Measured with ``python -m mixreorg.data.synthshapes --chance`` (default config, eval split of 512).
+#: Measured with ``python -m mixreorg.data --chance`` (default config, eval split of 512).
 CHANCE_NOTE = "most-frequent-class mIoU 0.022, prior-random mIoU 0.054 (10 classes)"
 
 _TWO_PI = 2.0 * math.pi

@@ -43,6 +43,7 @@ __all__ = ["braceexpand", "expand_shards", "iter_tar_samples", "ShardStream", "I
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
 CAPTION_EXTS = ("txt", "text")
 
+
 def _split_top(body: str) -> list[str]:
     parts, depth, cur = [], 0, []
     for ch in body:

@@ -49,7 +49,8 @@ class MixedSegmentationLoss(nn.Module):
         if seg_embed.shape[:2] != (B, S) or text_embed.shape[0] != B or plan.labels.shape != (B, L):
             raise ValueError(
                 f"MixedSegmentationLoss: shapes do not agree: assign {tuple(assign.shape)}, seg_embed "
-                f"{tuple(seg_embed.shape)}, text_embed {tuple(text_embed.shape)}, plan labels {tuple(plan.labels.shape)}"
+                f"{tuple(seg_embed.shape)}, text_embed {tuple(text_embed.shape)}, "
+                f"plan labels {tuple(plan.labels.shape)}"
             )
         nG, D = B // G, text_embed.shape[-1]
         text = text_embed.view(nG, G, D)

@@ -3,8 +3,8 @@
 from .attention import Attention, Block, CrossAttention, CrossAttnBlock, DropPath, Mlp, QuickGELU
 from .grouping import AssignAttention, GroupingBlock, TokenMlp
 from .groupvit import GroupViT, ProjectionHead, assignment_to_image, compose_assignments
-from .mixreorg import MixReorg, MixReorgConfig
 from .mixer import MixedPatchMixer, images_to_patches, mix_images, patches_to_images, restore_images
+from .mixreorg import MixReorg, MixReorgConfig
 from .text import TextEncoder
 from .vision import GroupViTStage, GroupViTVisionEncoder, PatchEmbed, interpolate_pos_embed
 from .weights import load_hf_groupvit, load_nvlabs_groupvit

@@ -2,14 +2,13 @@
 
 Three branches share every weight of a GroupViT backbone (DESIGN.md section 5)::
 
-    images -> patch embed -> [patches; group tokens] -> contextual block ----------.
-                                                                                  |
-       original:  x_o ----> blk_1 --> blk_2 --> ... --> blk_D ---------------------+--> grouping -> stages 2.. -> L_contrast
-                   |  mix    |  mix+   |  mix+            (shared weights)         |
-       mixed:     x_m ----> blk_1 --> blk_2 --> ... --> blk_D -- restore -----.     +--> grouping -> stages 2.. -> L_seg
-                   (own group tokens)                                       |     |
-       restored:                                             x_r <----------'  ---+--> grouping -> stages 2.. -> L_contrast
-                                                   (borrows the original's group tokens)
+    images -> patch embed -> [patches; group tokens] -> contextual block -> x_o
+      original  x_o ------ blk_1 ------ blk_2 ... blk_D -------------> grouping, stages 2.. -> L_contrast
+                 | mix       | mix_add    | mix_add
+      mixed     x_m ------ blk_1 ------ blk_2 ... blk_D --> restore -> grouping, stages 2.. -> L_seg
+                (own group tokens)                           |
+      restored                                    x_r <------'------> grouping, stages 2.. -> L_contrast
+                (borrows the original branch's group tokens; all blocks shared)
 
 * contextual mixing: ONE extra transformer block on ``[patches; group tokens]`` before mixing,
   so every patch carries its image's context; then the patch tokens are mixed (``MixPlan``);

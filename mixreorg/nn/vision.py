@@ -193,10 +193,13 @@ class GroupViTStage(nn.Module):
             g = g + self.group_projector(prev_group_tokens)
         return g
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run one block on ``x``, under activation checkpointing when ``use_checkpoint`` is on."""
         if self.use_checkpoint and torch.is_grad_enabled() and x.requires_grad:
             return checkpoint(blk, x, use_reentrant=False)
         return blk(x)
+
+    _run_block = run_block  # kept for callers of the earlier private name
 
     def forward_blocks(
         self, x: torch.Tensor, group_tokens: torch.Tensor | None
@@ -205,7 +208,7 @@ class GroupViTStage(nn.Module):
         L = x.shape[1]
         h = x if group_tokens is None else torch.cat([x, group_tokens], dim=1)  # [B, L + S, C]
         for blk in self.blocks:
-            h = self._run_block(blk, h)
+            h = self.run_block(blk, h)
         if group_tokens is None:
             return h, None
         return h[:, :L], h[:, L:]

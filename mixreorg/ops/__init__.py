@@ -2,7 +2,16 @@
 
 from ._dispatch import has_triton, select_impl, triton_interpret
 from .assign import gumbel_assign, gumbel_assign_reference, sample_gumbel
-from .patch_mix import mix, mix_add, mix_add_reference, mix_reference, patch_gather, patch_gather_add, restore, restore_reference
+from .patch_mix import (
+    mix,
+    mix_add,
+    mix_add_reference,
+    mix_reference,
+    patch_gather,
+    patch_gather_add,
+    restore,
+    restore_reference,
+)
 from .plan import MixPlan
 
 __all__ = [
