@@ -31,5 +31,5 @@ def pytest_terminal_summary(terminalreporter):
         for impl, r in impls.items():
             base = impls.get(r["baseline"])
             ratio = f"{base['mean'] / r['mean']:.2f}x" if base else "-"
-            gbps = r["bytes"] / r["mean"] / 1e9
-            tr.write_line(f"{case:<52} {impl:<14} {r['mean'] * 1e3:>9.3f} {gbps:>8.2f} {ratio:>12}")
+            gbps = f"{r['bytes'] / r['mean'] / 1e9:.2f}" if r["bytes"] else "-"
+            tr.write_line(f"{case:<52} {impl:<14} {r['mean'] * 1e3:>9.3f} {gbps:>8} {ratio:>12}")

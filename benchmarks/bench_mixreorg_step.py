@@ -1,0 +1,92 @@
+"""Train-step time of MixReorg vs GroupViT on the same config and batch, side by side.
+
+    python -m pytest benchmarks/bench_mixreorg_step.py --benchmark-enable
+
+The summary table's "vs baseline" column is GroupViT's step time divided by each model's (so
+MixReorg's cost ratio is its inverse). ``test_stage_breakdown`` prints where MixReorg's time goes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from _report import record
+
+from mixreorg.losses import GroupViTContrastive, MixReorgLoss
+from mixreorg.nn import GroupViT, MixReorg
+from mixreorg.nn.groupvit import compose_assignments
+
+VISION = dict(img_size=64, patch_size=8, embed_dim=128, num_heads=4, depths=(4, 2, 2),
+              num_group_tokens=(16, 8, 0), num_output_groups=(16, 8), drop_path_rate=0.0)
+TEXT = dict(context_length=16, width=128, layers=2, heads=4)
+B = 32
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(B, 3, 64, 64, generator=g)
+    ids = torch.randint(1, 1000, (B, 16), generator=g)
+    ids[:, -1] = 49407
+    return images, ids
+
+
+def _models():
+    torch.manual_seed(0)
+    gv = GroupViT(vision=dict(VISION), text=dict(TEXT), proj_dim=128, proj_hidden=256)
+    torch.manual_seed(0)
+    mr = MixReorg(GroupViT(vision=dict(VISION), text=dict(TEXT), proj_dim=128, proj_hidden=256), dict(group_size=16))
+    return gv, mr
+
+
+@pytest.mark.parametrize("model", ["groupvit", "mixreorg"])
+def test_train_step(benchmark, model):
+    images, ids = _data()
+    gv, mr = _models()
+    objective = GroupViTContrastive()
+    loss_fn = MixReorgLoss(objective)
+    net = gv if model == "groupvit" else mr
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def step():
+        if model == "groupvit":
+            loss = objective(gv.encode_image(images)["image_embed"], gv.encode_text(ids),
+                             logit_scale=gv.logit_scale)["loss"]
+        else:
+            loss = loss_fn(mr(images, ids))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    record(benchmark, case=f"train step B={B} 64px w128 depths(4,2,2)", impl=model, nbytes=0, baseline="groupvit")
+
+
+def test_stage_breakdown(capsys):
+    """Forward+backward time per part of MixReorg's step (printed; not asserted)."""
+    images, ids = _data()
+    _, mr = _models()
+    loss_fn = MixReorgLoss()
+    parts: dict[str, float] = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    for _ in range(3):
+        out = timed("forward: 3 branches", lambda: mr.forward_branches(images))
+        text = timed("forward: text tower", lambda: mr.encode_text(ids))
+        out.update(text_embed=text, prompt_embed=None, logit_scale=mr.logit_scale,
+                   multi_label_logit_scale=mr.logit_scale)
+        out["mixed_assign"] = compose_assignments(out["mixed"]["hard_maps"])
+        logs = timed("losses", lambda o=out: loss_fn(o))
+        timed("backward", lambda lg=logs: lg["loss"].backward())
+    total = sum(parts.values())
+    with capsys.disabled():
+        print("\nMixReorg step breakdown (3 steps):")
+        for k, v in parts.items():
+            print(f"  {k:<24} {v / 3 * 1e3:8.1f} ms  {100 * v / total:5.1f}%")
+    assert total > 0
