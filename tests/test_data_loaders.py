@@ -106,6 +106,7 @@ def test_corrupt_and_captionless_samples_are_skipped_and_counted(shards: Path, c
         assert s["caption"] == f"caption {int(s['key'])}"
     stats = stream.stats
     assert stats["samples"] == 18 + 1 and stats["corrupt_image"] == 1 and stats["missing_caption"] == 1
+    assert stats["corrupt_shard"] == 0 and stats["missing_image"] == 0
     assert {r for r, _ in stream.skipped_examples} == {"corrupt_image", "missing_caption"}
     assert "000000003" in caplog.text and "000000005" in caplog.text
     assert "skipped 1 corrupt image, 1 missing caption" in stream.stats_report()

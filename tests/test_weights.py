@@ -213,6 +213,28 @@ def test_hf_export_round_trip(hf_small):
     fresh.load_state_dict(exported, strict=True)  # HF itself accepts our export
 
 
+def test_load_from_files(hf_small, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in hf_small.state_dict().items()}
+    save_file(sd, tmp_path / "model.safetensors")
+    torch.save(sd, tmp_path / "model.bin")
+    ref = load_hf_groupvit(hf_small).state_dict()
+    for name in ("model.safetensors", "model.bin"):
+        got = load_hf_groupvit(tmp_path / name, config=hf_small.config).state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), name
+    # NVlabs-style checkpoint that pickles a non-tensor object: refused with advice, not unpickled
+    torch.save({"model": ours_to_nvlabs(_small_ours()), "config": _Opaque()}, tmp_path / "ckpt.pth")
+    with pytest.raises(ValueError, match="weights_only"):
+        load_nvlabs_groupvit(tmp_path / "ckpt.pth")
+    with pytest.raises(ValueError, match="not found"):
+        load_nvlabs_groupvit(tmp_path / "missing.pth")
+
+
+class _Opaque:
+    pass
+
+
 def test_hf_bad_state_dict_names_the_keys(hf_small):
     ours = load_hf_groupvit(hf_small)
     sd = dict(hf_small.state_dict())

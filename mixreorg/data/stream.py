@@ -180,7 +180,7 @@ class ResumableStream(IterableDataset):
                 reason, _, detail = note.partition(": ")
                 delta[reason] += 1
                 if len(examples) < 10:
-                    examples.append((reason, detail))
+                    examples.append((reason, " ".join(detail.split())))
                 n_warned += 1
                 if n_warned <= 20 or n_warned % 1000 == 0:
                     logger.warning("%s: skipped sample (%s): %s", type(self).__name__, reason, detail)
@@ -205,7 +205,9 @@ class ResumableStream(IterableDataset):
     @staticmethod
     def _full_stats(delta: Counter[str]) -> dict[str, int]:
         # the same keys on every item, so that a DataLoader can still collate per-sample items
-        return {"samples": int(delta["samples"]), **{r: int(delta[r]) for r in SKIP_REASONS}}
+        out = {"samples": int(delta["samples"]), **{r: int(delta[r]) for r in SKIP_REASONS}}
+        out.update({k: int(v) for k, v in delta.items()})  # a subclass's own reasons are never dropped
+        return out
 
     # ------------------------------------------------------------------ position bookkeeping
     def observe(self, batch: dict[str, Any]) -> None:

@@ -85,8 +85,10 @@ class AssignAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q = self.q(query)  # [B, S, C]
         k, v = self.kv(context).chunk(2, dim=-1)  # [B, N, C] each
-        # logits in float32: the Gumbel-softmax and the normalisation are sensitive to rounding
-        logits = torch.matmul(q.float(), k.float().transpose(-2, -1)) * self.scale  # [B, S, N]
+        # logits in float32 (also under autocast): the arg-max, the Gumbel-softmax and the
+        # normalisation (and its inversion for the hard map) are sensitive to rounding
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            logits = torch.matmul(q.float(), k.float().transpose(-2, -1)) * self.scale  # [B, S, N]
         attn, soft = gumbel_assign(
             logits,
             tau=self.tau,

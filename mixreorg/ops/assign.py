@@ -30,13 +30,17 @@ Two implementations (``impl="auto"|"triton"|"torch"``, resolved by
 :func:`mixreorg.ops._dispatch.select_impl`):
 
 * ``torch`` (:func:`gumbel_assign_reference`): the formulas above, autograd does the rest.
-* ``triton``: one fused forward kernel and one fused backward kernel, one program per batch row
-  looping twice over blocks of tokens (the token-axis normaliser is a reduction over N, done in
-  registers in the first pass, so there are no atomics and the op is deterministic). The Gumbel
-  noise is generated inside the kernel from ``seed`` with Philox (``tl.rand``), never
-  materialised. Backward recomputes ``y`` from the saved logits (and seed or given noise), so the
-  op saves the logits plus ``[B, N]`` int16 arg-max indices and ``[B, S]`` float32 normalisers,
-  where the torch path saves about three ``[B, S, N]`` tensors.
+* ``triton``: two forward and two backward kernels, each over a (batch row, block of tokens)
+  grid whose tiles hold the whole (padded) group column, so the group-axis softmax and arg-max
+  stay in registers. The token-axis normaliser is a reduction over N: the first kernel writes
+  per-block partial sums (exact counts in the hard case) to a small ``[B, NB, S]`` buffer, the
+  second sums them in a fixed order -- no atomics, so the op is deterministic. The Gumbel noise
+  is generated inside the kernel from ``seed`` with Philox (``tl.rand``), never materialised.
+  Forward kernel 1 reads the logits (and noise) once and writes ``soft``, the ``[B, N]`` int16
+  arg-max and the partials; kernel 2 writes ``attn`` from the arg-max alone (hard) or recomputes
+  ``y`` (soft). Backward recomputes ``y`` from the saved logits (and seed or given noise), so the
+  op saves the logits plus the arg-max and ``[B, S]`` float32 normalisers, where the torch paths
+  save three to five ``[B, S, N]`` tensors.
 
 Forward value of the hard path: the Triton kernel returns the exact one-hot divided by the
 normaliser ``count + eps`` (counts are exact integers). The reference returns
@@ -49,7 +53,7 @@ constant (no gradient flows into it on the Triton path). ``seed=`` (int) makes a
 deterministic *within* an implementation, but the streams differ: the reference draws from a
 ``torch.Generator`` seeded with ``seed``, the kernel from Philox(seed, flat index).
 :func:`sample_gumbel` reproduces either stream (``impl="torch"`` or ``impl="triton"``), so
-``gumbel_assign(x, seed=s, impl="triton")`` equals
+``gumbel_assign(x, seed=s, impl="triton")`` agrees (to float rounding) with
 ``gumbel_assign_reference(x, noise=sample_gumbel(x.shape, s, device=x.device, impl="triton"))``.
 With neither ``seed`` nor ``noise`` the reference draws from torch's global RNG exactly like
 ``torch.distributions.Gumbel`` (so it reproduces Hugging Face's ``gumbel_softmax`` under the same
@@ -71,6 +75,7 @@ _LIM = 1e30  # clamp of the softmax arguments: keeps +-inf and overflow away fro
 _F32_TINY = torch.finfo(torch.float32).tiny  # 2**-126
 _F32_EPS = torch.finfo(torch.float32).eps  # 2**-23
 _MAX_TRITON_GROUPS = 1024  # [BLOCK_S, BLOCK_N] tiles; the arg-max index is saved as int16
+_TILE_ELEMS = 2048  # elements per [BLOCK_S, BLOCK_N] tile (tests lower it to get many blocks)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -255,7 +260,8 @@ if has_triton():
         offs_s, offs_n, mask_s, mask_n, mask = _tile(b, nb, S, N, BLOCK_S, BLOCK_N)
         denom = _sum_partials(part_ptr, b, offs_s, mask_s, S, NB) + eps
         denom = tl.where(denom > 0, denom, 1.0)
-        tl.store(denom_ptr + b * S + offs_s, denom, mask=mask_s & (nb == 0))  # saved for backward
+        if nb == 0:  # saved for backward
+            tl.store(denom_ptr + b * S + offs_s, denom, mask=mask_s)
         if HARD:
             idx = tl.load(idx_ptr + b * N + offs_n, mask=mask_n, other=-1).to(tl.int32)
             a = tl.where(offs_s[:, None] == idx[None, :], 1.0, 0.0)  # the exact one-hot
@@ -350,7 +356,7 @@ def _blocks(S: int, N: int) -> tuple[int, int, int]:
     on sm_90 (checked with cuobjdump: <= 150 registers per thread).
     """
     block_s = triton.next_power_of_2(S)
-    block_n = max(1, min(2048 // block_s, 256, triton.next_power_of_2(N)))
+    block_n = max(1, min(_TILE_ELEMS // block_s, 256, triton.next_power_of_2(N)))
     num_warps = 8 if block_s * block_n >= 2048 else 4
     return block_s, block_n, num_warps
 
