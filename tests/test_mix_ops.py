@@ -258,3 +258,18 @@ def test_cuda_triton_matches_torch(dtype):
     assert torch.equal(mix_add(y, x, plan, num_prefix_tokens=1, impl="triton"),
                        mix_add(y, x, plan, num_prefix_tokens=1, impl="torch"))
     assert dispatch.select_impl("auto", [x], "mix") == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.bool, torch.int32, torch.int64, torch.complex64])
+@pytest.mark.parametrize("C", [1, 3, 4, 8, 12])
+def test_data_movement_of_any_dtype_and_row_width(dtype, C):
+    """The torch path copies rows as wide integer words when it can: check it for every row width."""
+    B, L = 4, 5
+    plan = MixPlan.create(B, L, 2, seed=C)
+    x = (torch.randn(B, L + 1, C) * 100).to(dtype) if dtype is not torch.bool else torch.rand(B, L + 1, C) > 0.5
+    mixed = mix(x, plan, num_prefix_tokens=1, impl="torch")
+    expected = x[torch.cat([torch.arange(B).view(B, 1), plan.src], 1), torch.arange(L + 1).view(1, L + 1)]
+    assert torch.equal(mixed, expected)
+    assert torch.equal(restore(mixed, plan, num_prefix_tokens=1, impl="torch"), x)
+    offset = x[:, :, 1:] if C > 1 else x  # a view whose rows do not start on a word boundary
+    assert torch.equal(restore(mix(offset, plan, num_prefix_tokens=1), plan, num_prefix_tokens=1), offset)

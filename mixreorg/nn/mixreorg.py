@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..ops.plan import MixPlan
 from .groupvit import GroupViT, compose_assignments
@@ -218,23 +219,27 @@ class MixReorg(nn.Module):
         B = images.shape[0]
         if B % self.group_size != 0:
             raise ValueError(f"MixReorg: batch size {B} is not divisible by the group size {self.group_size}")
-        h, _, L = self._stage1_input(images)  # [B, L + S, C] after the contextual block
+        with record_function("mixreorg/embed+context"):
+            h, _, L = self._stage1_input(images)  # [B, L + S, C] after the contextual block
         x_o, g_o = h[:, :L], h[:, L:]
         if plan is None:
             plan = self.make_plan(B, grid, images.device, generator)
-        x_m, _ = self.mixer(x_o, plan)  # [B, L, C] mixed patches
-        g_m = self.mixed_group_token.expand(B, -1, -1).to(x_m.dtype)
-        for k, blk in enumerate(enc.stages[0].blocks):
-            # both branches through the shared block in one call: [2B, L + S, C]
-            h = self._run(blk, torch.cat([torch.cat([x_o, g_o], 1), torch.cat([x_m, g_m], 1)], 0))
-            x_o, g_o, x_m, g_m = h[:B, :L], h[:B, L:], h[B:, :L], h[B:, L:]
-            if k < self.num_progressive:
-                x_m = self._progressive(k, x_m, x_o, plan)
-        x_r = self.mixer.restore(x_m, plan)  # every patch back in its own image
-        out = enc.forward_from_stage1_output(
-            torch.cat([x_o, x_m, x_r], 0), torch.cat([g_o, g_m, g_o], 0), return_maps=True, grid=grid
-        )
-        out = self.groupvit.project_image(out, with_seg=True)
+        with record_function("mixreorg/stage1 (original+mixed)"):
+            x_m, _ = self.mixer(x_o, plan)  # [B, L, C] mixed patches
+            g_m = self.mixed_group_token.expand(B, -1, -1).to(x_m.dtype)
+            for k, blk in enumerate(enc.stages[0].blocks):
+                # both branches through the shared block in one call: [2B, L + S, C]
+                h = self._run(blk, torch.cat([torch.cat([x_o, g_o], 1), torch.cat([x_m, g_m], 1)], 0))
+                x_o, g_o, x_m, g_m = h[:B, :L], h[:B, L:], h[B:, :L], h[B:, L:]
+                if k < self.num_progressive:
+                    x_m = self._progressive(k, x_m, x_o, plan)
+            x_r = self.mixer.restore(x_m, plan)  # every patch back in its own image
+        with record_function("mixreorg/grouping+stages2.. (3 branches)"):
+            out = enc.forward_from_stage1_output(
+                torch.cat([x_o, x_m, x_r], 0), torch.cat([g_o, g_m, g_o], 0), return_maps=True, grid=grid
+            )
+        with record_function("mixreorg/projection heads"):
+            out = self.groupvit.project_image(out, with_seg=True)
         branches = {}
         for i, name in enumerate(("original", "mixed", "restored")):
             sl = slice(i * B, (i + 1) * B)

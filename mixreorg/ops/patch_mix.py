@@ -67,8 +67,25 @@ def _gather_torch(x: torch.Tensor, index: torch.Tensor, prefix: int) -> torch.Te
     B, L, C = x.shape
     rows = _flat_rows(index, L, prefix)  # [B * L]
     out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
-    torch.index_select(x.reshape(B * L, C), 0, rows, out=out.view(B * L, C))
+    src = x.reshape(B * L, C)
+    dst = out.view(B * L, C)
+    if src.is_contiguous() and not src.is_complex():
+        # pure data movement: copy each row as the widest integer words that tile it (faster
+        # index_select kernels, e.g. 4x fewer elements for bf16 rows), bit-identical by construction
+        src, dst = _wide_rows(src), _wide_rows(dst)
+    torch.index_select(src, 0, rows, out=dst)
     return out  # [B, L, C]
+
+
+def _wide_rows(t: torch.Tensor) -> torch.Tensor:
+    """View contiguous ``[R, C]`` rows as the widest integer dtype (8, 4 or 2 bytes) that tiles
+    each row and matches the pointer alignment; the tensor itself when none does."""
+    row_bytes = t.shape[1] * t.element_size()
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = dtype.itemsize
+        if size >= t.element_size() and row_bytes % size == 0 and t.data_ptr() % size == 0:
+            return t.view(dtype)
+    return t
 
 
 def patch_gather_add_reference(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor,
