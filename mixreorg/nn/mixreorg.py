@@ -157,7 +157,7 @@ class MixReorg(nn.Module):
         return self.groupvit.encode_text(token_ids)
 
     def _run(self, blk: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return self.vision.stages[0]._run_block(blk, h)
+        return self.vision.stages[0].run_block(blk, h)
 
     # ------------------------------------------------------------------ original branch only
     def _stage1_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -40,10 +40,9 @@ __all__ = [
     "load_nvlabs_groupvit",
 ]
 
-# A rule maps an our-key regex to a function of its match groups giving (their keys, kind).
-# kind: "copy" (same tensor), "cat" (concatenate their tensors on dim 0 / split on export),
+# A rule maps an our-key regex to a function of its match giving (their keys, kind), kind being
+# "copy" (same tensor), "cat" (their tensors concatenated on dim 0 / split on export) or
 # "conv1x1" (their Conv1d weight [O, I, 1] <-> our Linear weight [O, I]).
-_Rule = tuple[str, Callable[..., tuple[list[str], str]]]
 
 # keys that may be absent from a source state dict: our freshly initialised value is kept
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
