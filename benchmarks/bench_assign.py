@@ -90,8 +90,7 @@ def test_assign_forward_backward(benchmark, shape, dtype, impl):
         return out
 
     benchmark(run)
-    record(benchmark, case=f"assign fwd+bwd {tuple(shape)} {dtype}", impl=impl,
-           nbytes=6 * x.nbytes, baseline=BASELINE)
+    record(benchmark, case=f"assign fwd+bwd {tuple(shape)} {dtype}", impl=impl, nbytes=6 * x.nbytes, baseline=BASELINE)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -107,8 +106,7 @@ def test_assign_forward(benchmark, shape, dtype, impl):
         return out
 
     benchmark(run)
-    record(benchmark, case=f"assign fwd {tuple(shape)} {dtype}", impl=impl, nbytes=3 * x.nbytes,
-           baseline=BASELINE)
+    record(benchmark, case=f"assign fwd {tuple(shape)} {dtype}", impl=impl, nbytes=3 * x.nbytes, baseline=BASELINE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,8 +160,10 @@ def peak_bytes(f, x, grad) -> int:
 
 
 def memory_table() -> list[str]:
-    lines = [f"memory on {DEVICE}: saved-for-backward bytes and fwd+bwd peak (MiB), logits size for scale",
-             f"{'shape':<16} {'dtype':<15} {'impl':<15} {'logits':>8} {'saved':>8} {'peak':>8}"]
+    lines = [
+        f"memory on {DEVICE}: saved-for-backward bytes and fwd+bwd peak (MiB), logits size for scale",
+        f"{'shape':<16} {'dtype':<15} {'impl':<15} {'logits':>8} {'saved':>8} {'peak':>8}",
+    ]
     for shape in SHAPES.values():
         for dname, dtype in DTYPES.items():
             if DEVICE == "cpu" and dname == "bf16":

@@ -199,7 +199,6 @@ class GroupViTStage(nn.Module):
             return checkpoint(blk, x, use_reentrant=False)
         return blk(x)
 
-    _run_block = run_block  # kept for callers of the earlier private name
 
     def forward_blocks(
         self, x: torch.Tensor, group_tokens: torch.Tensor | None

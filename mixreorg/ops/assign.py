@@ -72,8 +72,6 @@ __all__ = ["gumbel_assign", "gumbel_assign_reference", "sample_gumbel"]
 
 _OP = "gumbel_assign"
 _LIM = 1e30  # clamp of the softmax arguments: keeps +-inf and overflow away from NaN
-_F32_TINY = torch.finfo(torch.float32).tiny  # 2**-126
-_F32_EPS = torch.finfo(torch.float32).eps  # 2**-23
 _MAX_TRITON_GROUPS = 1024  # [BLOCK_S, BLOCK_N] tiles; the arg-max index is saved as int16
 _TILE_ELEMS = 2048  # elements per [BLOCK_S, BLOCK_N] tile (tests lower it to get many blocks)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -101,9 +99,7 @@ def _validate(
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"{_OP}: logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 3:
-        raise ValueError(
-            f"{_OP}: logits must have rank 3 [B, S (groups), N (tokens)], got shape {tuple(logits.shape)}"
-        )
+        raise ValueError(f"{_OP}: logits must have rank 3 [B, S (groups), N (tokens)], got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"{_OP}: logits must be a floating dtype, got {logits.dtype}")
     if logits.shape[1] == 0:
@@ -171,20 +167,39 @@ if has_triton():
         return v.to(ptr.dtype.element_ty)
 
     @triton.jit
-    def _scores(x_ptr, g_ptr, b, offs_s, offs_n, mask, S, N, seed, tau,
-                sxb, sxs, sxn, sgb, sgs, sgn,
-                GUMBEL: tl.constexpr, NOISE_GIVEN: tl.constexpr):
+    def _scores(
+        x_ptr,
+        g_ptr,
+        b,
+        offs_s,
+        offs_n,
+        mask,
+        S,
+        N,
+        seed,
+        tau,
+        sxb,
+        sxs,
+        sxn,
+        sgb,
+        sgs,
+        sgn,
+        GUMBEL: tl.constexpr,
+        NOISE_GIVEN: tl.constexpr,
+    ):
         """Load a ``[BLOCK_S, BLOCK_N]`` tile and return (x, z_raw, z) in float32.
 
         ``z_raw = (x + g) / tau`` (IEEE division), ``z = clamp(z_raw, -LIM, LIM)`` with the padded
         group rows set to ``-inf`` so they never win the softmax or the arg-max.
         """
-        x = tl.load(x_ptr + b * sxb + offs_s[:, None] * sxs + offs_n[None, :] * sxn,
-                    mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * sxb + offs_s[:, None] * sxs + offs_n[None, :] * sxn, mask=mask, other=0.0).to(
+            tl.float32
+        )
         if GUMBEL:
             if NOISE_GIVEN:
-                g = tl.load(g_ptr + b * sgb + offs_s[:, None] * sgs + offs_n[None, :] * sgn,
-                            mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + b * sgb + offs_s[:, None] * sgs + offs_n[None, :] * sgn, mask=mask, other=0.0).to(
+                    tl.float32
+                )
             else:
                 flat = b * S * N + offs_s[:, None] * N + offs_n[None, :]  # int64 flat index
                 g = _gumbel_from_philox(seed, flat)
@@ -220,19 +235,36 @@ if has_triton():
 
     @triton.jit(do_not_specialize=["seed"])
     def _assign_fwd_kernel(
-        x_ptr, g_ptr, soft_ptr, idx_ptr, part_ptr,
-        S, N, NB, seed, tau,
-        sxb, sxs, sxn, sgb, sgs, sgn,
-        HARD: tl.constexpr, GUMBEL: tl.constexpr, NOISE_GIVEN: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        soft_ptr,
+        idx_ptr,
+        part_ptr,
+        S,
+        N,
+        NB,
+        seed,
+        tau,
+        sxb,
+        sxs,
+        sxn,
+        sgb,
+        sgs,
+        sgn,
+        HARD: tl.constexpr,
+        GUMBEL: tl.constexpr,
+        NOISE_GIVEN: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Forward, kernel 1 of 2, one program per (batch row, block of tokens): ``soft``, the
         arg-max (hard) and the block's per-group partial sum of ``A`` over its tokens."""
         b = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
         offs_s, offs_n, mask_s, mask_n, mask = _tile(b, nb, S, N, BLOCK_S, BLOCK_N)
-        x, _, z = _scores(x_ptr, g_ptr, b, offs_s, offs_n, mask, S, N, seed, tau,
-                          sxb, sxs, sxn, sgb, sgs, sgn, GUMBEL, NOISE_GIVEN)
+        x, _, z = _scores(
+            x_ptr, g_ptr, b, offs_s, offs_n, mask, S, N, seed, tau, sxb, sxs, sxn, sgb, sgs, sgn, GUMBEL, NOISE_GIVEN
+        )
         xs = tl.where(mask_s[:, None], tl.minimum(tl.maximum(x, -1e30), 1e30), float("-inf"))
         p = _col_softmax(xs)
         tl.store(soft_ptr + b * S * N + offs_s[:, None] * N + offs_n[None, :], _to_out(p, soft_ptr), mask=mask)
@@ -248,11 +280,29 @@ if has_triton():
 
     @triton.jit(do_not_specialize=["seed"])
     def _assign_norm_kernel(
-        x_ptr, g_ptr, attn_ptr, idx_ptr, part_ptr, denom_ptr,
-        S, N, NB, seed, tau, eps,
-        sxb, sxs, sxn, sgb, sgs, sgn,
-        HARD: tl.constexpr, GUMBEL: tl.constexpr, NOISE_GIVEN: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        attn_ptr,
+        idx_ptr,
+        part_ptr,
+        denom_ptr,
+        S,
+        N,
+        NB,
+        seed,
+        tau,
+        eps,
+        sxb,
+        sxs,
+        sxn,
+        sgb,
+        sgs,
+        sgn,
+        HARD: tl.constexpr,
+        GUMBEL: tl.constexpr,
+        NOISE_GIVEN: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Forward, kernel 2 of 2: normaliser ``D = sum(partials) + eps`` (0 -> 1), ``attn = A / D``."""
         b = tl.program_id(0).to(tl.int64)
@@ -266,20 +316,56 @@ if has_triton():
             idx = tl.load(idx_ptr + b * N + offs_n, mask=mask_n, other=-1).to(tl.int32)
             a = tl.where(offs_s[:, None] == idx[None, :], 1.0, 0.0)  # the exact one-hot
         else:
-            _, _, z = _scores(x_ptr, g_ptr, b, offs_s, offs_n, mask, S, N, seed, tau,
-                              sxb, sxs, sxn, sgb, sgs, sgn, GUMBEL, NOISE_GIVEN)
+            _, _, z = _scores(
+                x_ptr,
+                g_ptr,
+                b,
+                offs_s,
+                offs_n,
+                mask,
+                S,
+                N,
+                seed,
+                tau,
+                sxb,
+                sxs,
+                sxn,
+                sgb,
+                sgs,
+                sgn,
+                GUMBEL,
+                NOISE_GIVEN,
+            )
             a = _col_softmax(z)
         attn = a / denom[:, None]
-        tl.store(attn_ptr + b * S * N + offs_s[:, None] * N + offs_n[None, :], _to_out(attn, attn_ptr),
-                 mask=mask)
+        tl.store(attn_ptr + b * S * N + offs_s[:, None] * N + offs_n[None, :], _to_out(attn, attn_ptr), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _assign_bwd_reduce_kernel(
-        x_ptr, g_ptr, idx_ptr, ga_ptr, part_ptr,
-        S, N, NB, seed, tau,
-        sxb, sxs, sxn, sgb, sgs, sgn, sab, sas, san,
-        HARD: tl.constexpr, GUMBEL: tl.constexpr, NOISE_GIVEN: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        idx_ptr,
+        ga_ptr,
+        part_ptr,
+        S,
+        N,
+        NB,
+        seed,
+        tau,
+        sxb,
+        sxs,
+        sxn,
+        sgb,
+        sgs,
+        sgn,
+        sab,
+        sas,
+        san,
+        HARD: tl.constexpr,
+        GUMBEL: tl.constexpr,
+        NOISE_GIVEN: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Backward, kernel 1 of 2: per-block partials of ``sum_n G[s, n] * A[s, n]``."""
         b = tl.program_id(0).to(tl.int64)
@@ -292,22 +378,66 @@ if has_triton():
             hit = (offs_s[:, None] == idx[None, :]) & mask
             part = tl.sum(tl.where(hit, gsel[None, :], 0.0), axis=1)
         else:
-            _, _, z = _scores(x_ptr, g_ptr, b, offs_s, offs_n, mask, S, N, seed, tau,
-                              sxb, sxs, sxn, sgb, sgs, sgn, GUMBEL, NOISE_GIVEN)
+            _, _, z = _scores(
+                x_ptr,
+                g_ptr,
+                b,
+                offs_s,
+                offs_n,
+                mask,
+                S,
+                N,
+                seed,
+                tau,
+                sxb,
+                sxs,
+                sxn,
+                sgb,
+                sgs,
+                sgn,
+                GUMBEL,
+                NOISE_GIVEN,
+            )
             y = _col_softmax(z)
-            ga = tl.load(ga_ptr + b * sab + offs_s[:, None] * sas + offs_n[None, :] * san,
-                         mask=mask, other=0.0).to(tl.float32)
+            ga = tl.load(ga_ptr + b * sab + offs_s[:, None] * sas + offs_n[None, :] * san, mask=mask, other=0.0).to(
+                tl.float32
+            )
             part = tl.sum(tl.where(mask, ga * y, 0.0), axis=1)
         tl.store(part_ptr + (b * NB + nb) * S + offs_s, part, mask=mask_s)
 
     @triton.jit(do_not_specialize=["seed"])
     def _assign_bwd_kernel(
-        x_ptr, g_ptr, denom_ptr, part_ptr, ga_ptr, gs_ptr, dx_ptr,
-        S, N, NB, seed, tau,
-        sxb, sxs, sxn, sgb, sgs, sgn, sab, sas, san, ssb, sss, ssn,
-        HARD: tl.constexpr, GUMBEL: tl.constexpr, NOISE_GIVEN: tl.constexpr,
-        HAS_GA: tl.constexpr, HAS_GS: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        denom_ptr,
+        part_ptr,
+        ga_ptr,
+        gs_ptr,
+        dx_ptr,
+        S,
+        N,
+        NB,
+        seed,
+        tau,
+        sxb,
+        sxs,
+        sxn,
+        sgb,
+        sgs,
+        sgn,
+        sab,
+        sas,
+        san,
+        ssb,
+        sss,
+        ssn,
+        HARD: tl.constexpr,
+        GUMBEL: tl.constexpr,
+        NOISE_GIVEN: tl.constexpr,
+        HAS_GA: tl.constexpr,
+        HAS_GS: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Backward, kernel 2 of 2: the vector-Jacobian product for one tile.
 
@@ -319,15 +449,17 @@ if has_triton():
         b = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
         offs_s, offs_n, mask_s, mask_n, mask = _tile(b, nb, S, N, BLOCK_S, BLOCK_N)
-        x, z_raw, z = _scores(x_ptr, g_ptr, b, offs_s, offs_n, mask, S, N, seed, tau,
-                              sxb, sxs, sxn, sgb, sgs, sgn, GUMBEL, NOISE_GIVEN)
+        x, z_raw, z = _scores(
+            x_ptr, g_ptr, b, offs_s, offs_n, mask, S, N, seed, tau, sxb, sxs, sxn, sgb, sgs, sgn, GUMBEL, NOISE_GIVEN
+        )
         dx = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
         if HAS_GA:
             denom = tl.load(denom_ptr + b * S + offs_s, mask=mask_s, other=1.0)
             r = _sum_partials(part_ptr, b, offs_s, mask_s, S, NB) / denom / denom
             y = _col_softmax(z)
-            ga = tl.load(ga_ptr + b * sab + offs_s[:, None] * sas + offs_n[None, :] * san,
-                         mask=mask, other=0.0).to(tl.float32)
+            ga = tl.load(ga_ptr + b * sab + offs_s[:, None] * sas + offs_n[None, :] * san, mask=mask, other=0.0).to(
+                tl.float32
+            )
             dy = tl.where(mask, ga / denom[:, None] - r[:, None], 0.0)
             dz = y * (dy - tl.sum(y * dy, axis=0)[None, :])
             live = (z_raw >= -1e30) & (z_raw <= 1e30)  # the gradient of the clamp
@@ -335,8 +467,9 @@ if has_triton():
         if HAS_GS:
             xs = tl.where(mask_s[:, None], tl.minimum(tl.maximum(x, -1e30), 1e30), float("-inf"))
             p = _col_softmax(xs)
-            gs = tl.load(gs_ptr + b * ssb + offs_s[:, None] * sss + offs_n[None, :] * ssn,
-                         mask=mask, other=0.0).to(tl.float32)
+            gs = tl.load(gs_ptr + b * ssb + offs_s[:, None] * sss + offs_n[None, :] * ssn, mask=mask, other=0.0).to(
+                tl.float32
+            )
             dp = p * (gs - tl.sum(p * gs, axis=0)[None, :])
             dx += tl.where((x >= -1e30) & (x <= 1e30), dp, 0.0)
         tl.store(dx_ptr + b * S * N + offs_s[:, None] * N + offs_n[None, :], _to_out(dx, dx_ptr), mask=mask)
@@ -389,16 +522,27 @@ class _GumbelAssignTriton(torch.autograd.Function):
         idx = torch.empty((B, N), dtype=torch.int16, device=dev) if hard else None
         noise_given = gumbel and noise is not None
         g_arg = noise if noise_given else logits  # never read when not given
-        common = dict(HARD=hard, GUMBEL=gumbel, NOISE_GIVEN=noise_given,
-                      BLOCK_S=block_s, BLOCK_N=block_n, num_warps=num_warps)
+        common = dict(
+            HARD=hard, GUMBEL=gumbel, NOISE_GIVEN=noise_given, BLOCK_S=block_s, BLOCK_N=block_n, num_warps=num_warps
+        )
         strides = (*logits.stride(), *_noise_strides(noise if noise_given else None))
         idx_arg = idx if hard else part  # never read when not hard
-        _assign_fwd_kernel[(B, nb)](
-            logits, g_arg, soft, idx_arg, part, S, N, nb, seed, float(tau), *strides, **common
-        )
+        _assign_fwd_kernel[(B, nb)](logits, g_arg, soft, idx_arg, part, S, N, nb, seed, float(tau), *strides, **common)
         _assign_norm_kernel[(B, nb)](
-            logits, g_arg, attn, idx_arg, part, denom, S, N, nb, seed, float(tau), float(eps),
-            *strides, **common,
+            logits,
+            g_arg,
+            attn,
+            idx_arg,
+            part,
+            denom,
+            S,
+            N,
+            nb,
+            seed,
+            float(tau),
+            float(eps),
+            *strides,
+            **common,
         )
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, noise if noise_given else None, idx, denom)
@@ -423,17 +567,44 @@ class _GumbelAssignTriton(torch.autograd.Function):
         strides = (*logits.stride(), *_noise_strides(noise))
         ga_strides = ga.stride() if grad_attn is not None else (0, 0, 0)
         gs_strides = gs.stride() if grad_soft is not None else (0, 0, 0)
-        common = dict(HARD=hard, GUMBEL=gumbel, NOISE_GIVEN=noise_given,
-                      BLOCK_S=block_s, BLOCK_N=block_n, num_warps=num_warps)
+        common = dict(
+            HARD=hard, GUMBEL=gumbel, NOISE_GIVEN=noise_given, BLOCK_S=block_s, BLOCK_N=block_n, num_warps=num_warps
+        )
         if grad_attn is not None:
             _assign_bwd_reduce_kernel[(B, nb)](
-                logits, g_arg, idx if hard else part, ga, part, S, N, nb, seed, tau,
-                *strides, *ga_strides, **common,
+                logits,
+                g_arg,
+                idx if hard else part,
+                ga,
+                part,
+                S,
+                N,
+                nb,
+                seed,
+                tau,
+                *strides,
+                *ga_strides,
+                **common,
             )
         _assign_bwd_kernel[(B, nb)](
-            logits, g_arg, denom, part, ga, gs, dx, S, N, nb, seed, tau,
-            *strides, *ga_strides, *gs_strides,
-            HAS_GA=grad_attn is not None, HAS_GS=grad_soft is not None, **common,
+            logits,
+            g_arg,
+            denom,
+            part,
+            ga,
+            gs,
+            dx,
+            S,
+            N,
+            nb,
+            seed,
+            tau,
+            *strides,
+            *ga_strides,
+            *gs_strides,
+            HAS_GA=grad_attn is not None,
+            HAS_GS=grad_soft is not None,
+            **common,
         )
         return dx, None, None, None, None, None, None
 
@@ -574,9 +745,7 @@ def gumbel_assign(
             )
         resolved = "torch"
     if resolved == "torch" or logits.numel() == 0:
-        return gumbel_assign_reference(
-            logits, tau=tau, hard=hard, gumbel=gumbel, eps=eps, seed=seed, noise=noise
-        )
+        return gumbel_assign_reference(logits, tau=tau, hard=hard, gumbel=gumbel, eps=eps, seed=seed, noise=noise)
     if gumbel and noise is None and seed is None:
         seed = _random_seed()
     return _GumbelAssignTriton.apply(
