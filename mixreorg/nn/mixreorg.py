@@ -264,8 +264,12 @@ class MixReorg(nn.Module):
         mixed branch (patch -> final segment), what the mixed segmentation loss uses.
         """
         out = self.forward_branches(images, plan, generator)
-        out["text_embed"] = self.encode_text(token_ids)
-        out["prompt_embed"] = self.encode_text(prompt_ids) if prompt_ids is not None else None
+        if prompt_ids is None:
+            out["text_embed"], out["prompt_embed"] = self.encode_text(token_ids), None
+        else:  # one text-tower pass over captions and prompts (its BatchNorm sees them together)
+            B, K, T = prompt_ids.shape
+            both = self.encode_text(torch.cat([token_ids, prompt_ids.reshape(B * K, T)], dim=0))  # [B + B*K, D]
+            out["text_embed"], out["prompt_embed"] = both[:B], both[B:].reshape(B, K, -1)
         gv = self.groupvit
         out["logit_scale"] = gv.logit_scale
         ml = gv.multi_label_logit_scale if gv.multi_label_logit_scale is not None else gv.logit_scale
