@@ -3,6 +3,7 @@
     python -m pytest benchmarks/bench_assign.py --benchmark-enable            # timings (+ table)
     python -m pytest benchmarks/bench_assign.py --benchmark-enable -k s1      # GroupViT stage 1
     python benchmarks/bench_assign.py                                         # memory table only
+    TRITON_INTERPRET=1 python benchmarks/bench_assign.py     # memory table incl. the fused op on CPU
 
 Impls (all compute ``attn = A / (A.sum(-1) + 1)`` and ``soft = softmax(logits, -2)``):
 - ``gumbel_softmax``: the baseline, what GroupViT code does today: ``F.gumbel_softmax(x, hard=True,
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from _report import record
 
-from mixreorg.ops import gumbel_assign
+from mixreorg.ops import gumbel_assign, triton_interpret
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = {
@@ -38,6 +39,9 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMPLS = ["gumbel_softmax", "torch", "triton"] if DEVICE == "cuda" else ["gumbel_softmax", "torch"]
 BASELINE = "gumbel_softmax"
+# the memory table also covers the fused op on CPU when run under TRITON_INTERPRET=1 (slow, but
+# saved bytes and allocations do not depend on the backend)
+MEM_IMPLS = IMPLS + ["triton"] if DEVICE == "cpu" and triton_interpret() else IMPLS
 
 
 def _sync():
@@ -169,7 +173,7 @@ def memory_table() -> list[str]:
             if DEVICE == "cpu" and dname == "bf16":
                 continue
             x, grad = _inputs(shape, dtype)
-            for impl in IMPLS:
+            for impl in MEM_IMPLS:
                 f = assign_fn(impl)
                 mib = 2**20
                 lines.append(

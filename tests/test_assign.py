@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from unittest import mock
 
 import pytest
@@ -48,8 +49,10 @@ def _compare(x, *, noise, ga=True, gs=True, seed=0, **kw):
     gs = torch.randn(B, S, N, generator=gen).to(x.device) if gs else None
     ref = _run(gumbel_assign_reference, x, ga, gs, noise=noise, **kw)
     tri = _run(lambda t, **k: gumbel_assign(t, impl="triton", **k), x, ga, gs, noise=noise, **kw)
-    tol = TOL[x.dtype]
     for name, r, t in zip(("attn", "soft", "grad"), ref, tri):
+        tol = dict(TOL[x.dtype])
+        if name == "grad":  # dx = dz / tau: rounding in dz is amplified by 1 / tau
+            tol["atol"] *= max(1.0, 1.0 / kw.get("tau", 1.0))
         assert t.dtype == x.dtype and t.shape == x.shape, name
         assert torch.isfinite(t).all(), name
         torch.testing.assert_close(t, r, **tol, msg=lambda m, name=name: f"{name}: {m}")
@@ -145,7 +148,7 @@ def test_triton_matches_reference_eval(dtype, hard):
     _compare(_logits(2, 8, 49, dtype=dtype, seed=4), noise=None, hard=hard, gumbel=False)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=int(os.environ.get("ASSIGN_EXAMPLES", 25)), deadline=None)
 @given(
     B=st.integers(1, 2),
     S=st.sampled_from([1, 2, 3, 5, 8, 13]),
@@ -155,7 +158,7 @@ def test_triton_matches_reference_eval(dtype, hard):
     hard=st.booleans(),
     gumbel=st.booleans(),
     which=st.sampled_from(["both", "attn", "soft"]),
-    tile=st.sampled_from([2048, 16]),  # 16: many token blocks, exercises the partial sums
+    tile=st.sampled_from([2048, 64]),  # 64: many token blocks, exercises the partial sums
     seed=st.integers(0, 2**16),
 )
 def test_triton_matches_reference_property(B, S, N, tau, eps, hard, gumbel, which, tile, seed):

@@ -441,10 +441,11 @@ if has_triton():
     ):
         """Backward, kernel 2 of 2: the vector-Jacobian product for one tile.
 
-        Normalisation (quotient rule): ``dA = G / D - r`` with ``r[s] = sum_n G[s, n] A[s, n] / D^2``
+        Normalisation (quotient rule): ``dA = (G - r) / D`` with ``r[s] = sum_n G[s, n] A[s, n] / D``
         (the partials of kernel 1). Straight-through: ``dy = dA``. Softmax over groups:
-        ``dz = y * (dy - sum_s y dy)``; ``dx = dz / tau`` where the clamp is inactive. The soft
-        output adds ``p * (Gs - sum_s p Gs)``.
+        ``dz = w - y * sum_s w`` with ``w = y * dy = (y / D) * (G - r)``, a form without the huge
+        ``G / D`` terms that cancel when ``eps = 0`` leaves a tiny normaliser; ``dx = dz / tau``
+        where the clamp is inactive. The soft output adds ``p * (Gs - sum_s p Gs)``.
         """
         b = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
@@ -455,13 +456,13 @@ if has_triton():
         dx = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
         if HAS_GA:
             denom = tl.load(denom_ptr + b * S + offs_s, mask=mask_s, other=1.0)
-            r = _sum_partials(part_ptr, b, offs_s, mask_s, S, NB) / denom / denom
+            r = _sum_partials(part_ptr, b, offs_s, mask_s, S, NB) / denom
             y = _col_softmax(z)
             ga = tl.load(ga_ptr + b * sab + offs_s[:, None] * sas + offs_n[None, :] * san, mask=mask, other=0.0).to(
                 tl.float32
             )
-            dy = tl.where(mask, ga / denom[:, None] - r[:, None], 0.0)
-            dz = y * (dy - tl.sum(y * dy, axis=0)[None, :])
+            w = tl.where(mask, (y / denom[:, None]) * (ga - r[:, None]), 0.0)  # y * dy
+            dz = w - y * tl.sum(w, axis=0)[None, :]
             live = (z_raw >= -1e30) & (z_raw <= 1e30)  # the gradient of the clamp
             dx += tl.where(live, tl.math.div_rn(dz, tau), 0.0)
         if HAS_GS:
