@@ -8,7 +8,7 @@ import torch
 from mixreorg.losses import MixReorgLoss, canonical_caption_index
 from mixreorg.nn import GroupViT, MixReorg
 from mixreorg.nn.groupvit import compose_assignments
-from mixreorg.ops import MixPlan, mix_reference, restore_reference
+from mixreorg.ops import MixPlan, mix_reference
 
 TINY_VISION = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depths=(2, 1, 1),
                    num_group_tokens=(8, 4, 0), num_output_groups=(8, 4), drop_path_rate=0.0)
@@ -49,16 +49,23 @@ def test_branches_shapes_and_plan_labels_are_the_seg_targets():
 
 
 def test_restored_stage1_tokens_are_in_the_original_layout():
-    m = tiny(progressive=0)  # no progressive mixing: restored == original exactly after stage 1
-    m.eval()  # no dropout; the branches still run
-    images, ids = batch()
+    """With stage-1 blocks that act on each token alone (attention output zeroed) and no progressive
+    mixing, the mixed branch computes the same per-token function on permuted tokens, so restoring it
+    must give back the original branch's stage-1 tokens, patch for patch."""
+    m = tiny(progressive=0).eval()
+    for blk in m.vision.stages[0].blocks:
+        torch.nn.init.zeros_(blk.attn.proj.weight)
+        torch.nn.init.zeros_(blk.attn.proj.bias)
+    images, _ = batch()
     out = m.forward_branches(images)
-    assert torch.equal(out["stage1"]["restored"], restore_reference(out["stage1"]["mixed"], out["plan"]))
-    # with P = 0 the mixed branch is the mixed original run through the same blocks with other group
-    # tokens; restoring it gives each image's own patches back in place: the label of every patch is its
-    # own image (check on the stage-1 input: restore(mix(x)) == x)
-    x = torch.randn(8, 16, 32)
-    assert torch.equal(restore_reference(mix_reference(x, out["plan"]), out["plan"]), x)
+    s1 = out["stage1"]
+    assert torch.allclose(s1["restored"], s1["original"], atol=1e-6)
+    assert not torch.allclose(s1["mixed"], s1["original"], atol=1e-3)  # the mixed branch really was mixed
+    assert torch.allclose(s1["mixed"], mix_reference(s1["original"], out["plan"]), atol=1e-6)
+    # with token interaction (the real blocks) the restored branch differs: it saw mixed contexts
+    m2 = tiny(progressive=0).eval()
+    s2 = m2.forward_branches(images)["stage1"]
+    assert not torch.allclose(s2["restored"], s2["original"], atol=1e-3)
 
 
 def test_eval_runs_only_the_original_branch_and_equals_groupvit_plus():
