@@ -134,6 +134,8 @@ def test_ablation_switches_change_what_they_should_and_nothing_else():
 def test_bad_configuration_and_input():
     with pytest.raises(ValueError, match="progressive"):
         tiny(progressive=3)
+    with pytest.raises(ValueError, match="seg_maps"):
+        tiny(seg_maps="argmax")
     with pytest.raises(ValueError, match="progressive_mode"):
         tiny(progressive_mode="mul")
     with pytest.warns(UserWarning, match="identity"):
@@ -165,6 +167,10 @@ def test_composed_hard_assignment_sends_every_patch_to_one_segment():
     out = m(images, ids, generator=torch.Generator().manual_seed(0))
     a = compose_assignments([h.detach() for h in out["mixed"]["hard_maps"]])
     assert torch.allclose(a.sum(1), torch.ones(8, 16), atol=1e-5)
+    assert torch.equal(out["mixed_assign"], compose_assignments(out["mixed"]["hard_maps"]))
+    soft = tiny(seg_maps="soft").train()(images, ids)
+    assert torch.equal(soft["mixed_assign"], compose_assignments(soft["mixed"]["soft_maps"]))
+    assert ((soft["mixed_assign"] > 0) & (soft["mixed_assign"] < 1)).all()  # really soft
 
 
 def test_tiny_mixreorg_overfits_a_fixed_batch():

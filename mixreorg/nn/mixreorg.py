@@ -51,6 +51,9 @@ class MixReorgConfig:
             (``None``: all of stage 1, the paper's best; Fig. 5).
         progressive_mode: ``"add" | "add_detach" | "concat"``.
         mix_impl: backend of the mixing ops (``"auto" | "triton" | "torch"``).
+        seg_maps: which composed patch -> segment map the mixed segmentation loss uses: ``"hard"``
+            (straight-through one-hot, as GroupViT trains; [R]) or ``"soft"`` (the noise-free
+            softmax maps, as zero-shot inference uses).
     """
 
     group_size: int = 16
@@ -58,6 +61,7 @@ class MixReorgConfig:
     progressive: int | None = None
     progressive_mode: str = "add"
     mix_impl: str = "auto"
+    seg_maps: str = "hard"
 
 
 class MixReorg(nn.Module):
@@ -85,6 +89,8 @@ class MixReorg(nn.Module):
                              f"in [0, {depth}] (the depth of stage 1)")
         if config.progressive_mode not in PROGRESSIVE_MODES:
             raise ValueError(f"progressive_mode must be one of {PROGRESSIVE_MODES}, got {config.progressive_mode!r}")
+        if config.seg_maps not in ("hard", "soft"):
+            raise ValueError(f"seg_maps must be 'hard' or 'soft', got {config.seg_maps!r}")
         if config.contextual and depth == 0:
             raise ValueError("contextual mixing copies a stage-1 block: stage 1 needs at least one block")
         self.groupvit = groupvit
@@ -260,8 +266,9 @@ class MixReorg(nn.Module):
 
         Returns the :meth:`forward_branches` dict with ``text_embed [B, D]``, ``prompt_embed
         [B, K, D]`` (or None), ``logit_scale`` and ``multi_label_logit_scale`` (log space), and
-        ``mixed_assign [B, S_final, L]``: the composed straight-through hard assignment of the
-        mixed branch (patch -> final segment), what the mixed segmentation loss uses.
+        ``mixed_assign [B, S_final, L]``: the composed assignment of the mixed branch (patch ->
+        final segment; hard straight-through or soft, ``config.seg_maps``), what the mixed
+        segmentation loss uses.
         """
         out = self.forward_branches(images, plan, generator)
         if prompt_ids is None:
@@ -274,5 +281,5 @@ class MixReorg(nn.Module):
         out["logit_scale"] = gv.logit_scale
         ml = gv.multi_label_logit_scale if gv.multi_label_logit_scale is not None else gv.logit_scale
         out["multi_label_logit_scale"] = ml
-        out["mixed_assign"] = compose_assignments(out["mixed"]["hard_maps"])
+        out["mixed_assign"] = compose_assignments(out["mixed"][f"{self.config.seg_maps}_maps"])
         return out
