@@ -1,7 +1,7 @@
 """Benchmark set-up: run with ``python -m pytest benchmarks --benchmark-enable``.
 
 Every benchmark that calls ``_report.record`` lands in a side-by-side table printed at the end of the
-run: mean time, effective bandwidth (bytes the op must move / time) and the ratio to the baseline
+run: best-of-rounds time, effective bandwidth (bytes the op must move / time) and the ratio to the baseline
 of its case (``clone`` of the same tensor, the bandwidth ceiling, by default). Ratios measured in
 one run are what we report: absolute numbers on shared machines are noisy.
 """
@@ -23,7 +23,7 @@ def pytest_terminal_summary(terminalreporter):
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     tr = terminalreporter
     tr.write_sep("=", f"side-by-side results on {device}")
-    tr.write_line(f"{'case':<52} {'impl':<14} {'mean ms':>9} {'GB/s':>8} {'vs baseline':>12}")
+    tr.write_line(f"{'case':<52} {'impl':<14} {'min ms':>9} {'GB/s':>8} {'vs baseline':>12}")
     by_case: dict[str, dict[str, dict]] = {}
     for r in RESULTS:
         by_case.setdefault(r["case"], {})[r["impl"]] = r
