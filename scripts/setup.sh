@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Installs mixreorg and its test/data extras without ever replacing the pinned CPU torch wheel.
-# Idempotent: a second run is a no-op check.
+# Installs mixreorg (editable, from this checkout) with its test/data extras, never replacing the
+# pinned CPU torch wheel (constraints.txt). Idempotent: when everything imports from this checkout
+# already, it does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! $PY -c "import mixreorg, pytest, hypothesis, timm, transformers, triton, webdataset" >/dev/null 2>&1; then
+here=$(pwd -P)
+if ! $PY - "$here" <<'PYCHECK' >/dev/null 2>&1
+import os, sys
+import hypothesis, pytest, pytest_benchmark, ruff, safetensors, timm, transformers, triton  # noqa: F401
+import mixreorg
+assert os.path.realpath(mixreorg.__file__).startswith(sys.argv[1] + os.sep)
+PYCHECK
+then
     $PY -m pip install -q -c constraints.txt -e ".[test]"
 fi
