@@ -7,10 +7,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 here=$(pwd -P)
 if ! $PY - "$here" <<'PYCHECK' >/dev/null 2>&1
-import os, sys
-import hypothesis, pytest, pytest_benchmark, ruff, safetensors, timm, transformers, triton  # noqa: F401
-import mixreorg
-assert os.path.realpath(mixreorg.__file__).startswith(sys.argv[1] + os.sep)
+import importlib.util, os, sys
+need = ["hypothesis", "pytest", "pytest_benchmark", "ruff", "safetensors", "timm", "transformers", "triton",
+        "einops", "instant_clip_tokenizer", "mixreorg"]
+assert all(importlib.util.find_spec(n) is not None for n in need)
+spec = importlib.util.find_spec("mixreorg")
+assert os.path.realpath(spec.origin).startswith(sys.argv[1] + os.sep)
 PYCHECK
 then
     $PY -m pip install -q -c constraints.txt -e ".[test]"
