@@ -1,11 +1,13 @@
 """Patch mixing across the images of a batch: ``mix``, ``restore`` and fused ``mix_add``.
 
-All three are one primitive, a *row gather along the batch axis*: for a ``[B, L, C]`` sequence,
-``out[b, t] = x[index[b, t - prefix], t]`` on the patch span and ``out[b, t] = x[b, t]`` on the
-prefix/suffix tokens (CLS, registers, group tokens), which are never mixed. ``mix`` uses the plan's
-``src`` index, ``restore`` its inverse ``inv``. Because the index is a permutation, the
-vector-Jacobian product of the gather with ``src`` is the gather with ``inv``: the backward of
-``mix`` *is* ``restore`` (and vice versa), never a scatter-add, never atomics.
+All three are one primitive, a *row gather*: a ``[B, L, C]`` sequence is seen as ``B * L`` rows
+and ``out.row[r] = x.row[rows[r]]`` with a permutation ``rows`` of the flat ``(b, t)`` indices
+that the plan tabulates once per sequence layout (``MixPlan.rows``): on the patch span
+``out[b, t] = x[src[b, t - prefix], t]``, on the prefix/suffix tokens (CLS, registers, group
+tokens, never mixed) ``out[b, t] = x[b, t]``. ``mix`` uses the table of ``src``, ``restore`` the
+inverse table. Because the table is a permutation, the vector-Jacobian product of the gather is
+the gather with the inverse table: the backward of ``mix`` *is* ``restore`` (and vice versa),
+never a scatter-add, never atomics.
 
 Two implementations, bit-identical (data movement only; ``mix_add`` adds in the input dtype,
 which equals an fp32 add rounded once):
@@ -43,29 +45,17 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # torch reference
 # ---------------------------------------------------------------------------------------------
-def _flat_rows(index: torch.Tensor, seq_len: int, prefix: int) -> torch.Tensor:
-    B, Lp = index.shape
-    t = torch.arange(seq_len, device=index.device)
-    rows = torch.arange(B, device=index.device).view(B, 1) * seq_len + t.view(1, seq_len)
-    rows[:, prefix : prefix + Lp] = index * seq_len + t[prefix : prefix + Lp].view(1, Lp)
-    return rows.reshape(-1)
-
-
-def patch_gather_reference(x: torch.Tensor, index: torch.Tensor, prefix: int = 0) -> torch.Tensor:
-    """``out[b, t] = x[index[b, t - prefix], t]`` on the patch span, identity elsewhere.
-
-    x: ``[B, L, C]``; index: ``[B, Lp]`` int64 global batch rows.
-    """
+def patch_gather_reference(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out.row[r] = x.row[rows[r]]`` over the ``B * L`` rows of ``x: [B, L, C]``
+    (``rows: [B * L]`` int64, e.g. ``MixPlan.rows(L, prefix)[0]``). Differentiable by torch."""
     B, L, C = x.shape
-    rows = _flat_rows(index, L, prefix)  # [B * L]
     return x.reshape(B * L, C).index_select(0, rows).view(B, L, C)  # [B, L, C]
 
 
-def _gather_torch(x: torch.Tensor, index: torch.Tensor, prefix: int) -> torch.Tensor:
+def _gather_torch(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The reference for use inside the custom op: it must return a base tensor, not a view
     (custom ops copy outputs that are views), hence ``index_select(out=...)``."""
     B, L, C = x.shape
-    rows = _flat_rows(index, L, prefix)  # [B * L]
     out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
     src = x.reshape(B * L, C)
     dst = out.view(B * L, C)
@@ -88,10 +78,9 @@ def _wide_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def patch_gather_add_reference(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor,
-                               prefix: int = 0) -> torch.Tensor:
-    """``y + patch_gather_reference(x, index, prefix)``."""
-    out = patch_gather_reference(x, index, prefix)
+def patch_gather_add_reference(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``y + patch_gather_reference(x, rows)``."""
+    out = patch_gather_reference(x, rows)
     return out.add_(y)
 
 
@@ -114,28 +103,26 @@ if has_triton():
 
     @triton.jit
     def _patch_gather_kernel(
-        x_ptr, y_ptr, out_ptr, idx_ptr,
-        n_rows, L, C, prefix, Lp,
+        x_ptr, y_ptr, out_ptr, rows_ptr,
+        n_rows, L, C,
         sxb, sxl, sxc, syb, syl, syc,
         ADD: tl.constexpr, ADD_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         pid_r = tl.program_id(0).to(tl.int64)
         pid_c = tl.program_id(1).to(tl.int64)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # flat (b, t) rows
+        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # flat (b, t) output rows
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-        rmask = rows < n_rows
+        rmask = r < n_rows
         cmask = cols < C
-        b = rows // L
-        t = rows - b * L
-        p = t - prefix
-        in_span = rmask & (p >= 0) & (p < Lp)
-        p_safe = tl.where(in_span, p, 0)
-        src = tl.load(idx_ptr + b * Lp + p_safe, mask=in_span, other=0)
-        src = tl.where(in_span, src, b)
+        src = tl.load(rows_ptr + r, mask=rmask, other=0)  # flat source row of each output row
+        sb = src // L
+        st = src - sb * L
         mask = rmask[:, None] & cmask[None, :]
-        x_off = src[:, None] * sxb + t[:, None] * sxl + cols[None, :] * sxc
+        x_off = sb[:, None] * sxb + st[:, None] * sxl + cols[None, :] * sxc
         v = tl.load(x_ptr + x_off, mask=mask)
         if ADD:
+            b = r // L
+            t = r - b * L
             y_off = b[:, None] * syb + t[:, None] * syl + cols[None, :] * syc
             w = tl.load(y_ptr + y_off, mask=mask)
             # half types: one fp32 add rounded once == the correctly rounded add (p' >= 2p + 2),
@@ -146,11 +133,11 @@ if has_triton():
                 v = _f32_to_bf16_rtne(w.to(tl.float32) + v.to(tl.float32))
             else:
                 v = w + v
-        tl.store(out_ptr + rows[:, None] * C + cols[None, :], v, mask=mask)
+        tl.store(out_ptr + r[:, None] * C + cols[None, :], v, mask=mask)
 
     _ADD_MODE = {torch.float16: 1, torch.bfloat16: 2}
 
-    def _launch(x: torch.Tensor, index: torch.Tensor, prefix: int, y: torch.Tensor | None) -> torch.Tensor:
+    def _launch(x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x.shape
         out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
         n_rows = B * L
@@ -163,15 +150,15 @@ if has_triton():
         grid = (triton.cdiv(n_rows, block_r), triton.cdiv(C, block_c))
         ys = y if y is not None else x
         _patch_gather_kernel[grid](
-            x, ys, out, index,
-            n_rows, L, C, prefix, index.shape[1],
+            x, ys, out, rows,
+            n_rows, L, C,
             x.stride(0), x.stride(1), x.stride(2), ys.stride(0), ys.stride(1), ys.stride(2),
             ADD=y is not None, ADD_MODE=_ADD_MODE.get(x.dtype, 0), BLOCK_R=block_r, BLOCK_C=block_c,
         )
         return out
 else:  # pragma: no cover - exercised only where triton is absent
 
-    def _launch(x, index, prefix, y):
+    def _launch(x, rows, y):
         raise RuntimeError("triton is not installed")
 
 
@@ -179,55 +166,53 @@ else:  # pragma: no cover - exercised only where triton is absent
 # custom ops (+ autograd: the backward of a permutation gather is the inverse gather)
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("mixreorg::patch_gather", mutates_args=())
-def _patch_gather_op(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, prefix: int,
-                     impl: str) -> torch.Tensor:
+def _patch_gather_op(x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor, impl: str) -> torch.Tensor:
     if impl == "triton":
-        return _launch(x, index, prefix, None)
-    return _gather_torch(x, index, prefix)
+        return _launch(x, rows, None)
+    return _gather_torch(x, rows)
 
 
 @_patch_gather_op.register_fake
-def _(x, index, inverse, prefix, impl):
+def _(x, rows, inv_rows, impl):
     return x.new_empty(x.shape)
 
 
 def _gather_setup(ctx, inputs, output):
-    _, index, inverse, prefix, impl = inputs
-    ctx.save_for_backward(index, inverse)
-    ctx.prefix, ctx.impl = prefix, impl
+    _, rows, inv_rows, impl = inputs
+    ctx.save_for_backward(rows, inv_rows)
+    ctx.impl = impl
 
 
 def _gather_backward(ctx, grad):
-    index, inverse = ctx.saved_tensors
-    return _patch_gather_op(grad, inverse, index, ctx.prefix, ctx.impl), None, None, None, None
+    rows, inv_rows = ctx.saved_tensors
+    return _patch_gather_op(grad, inv_rows, rows, ctx.impl), None, None, None
 
 
 _patch_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
 @torch.library.custom_op("mixreorg::patch_gather_add", mutates_args=())
-def _patch_gather_add_op(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor,
-                         prefix: int, impl: str) -> torch.Tensor:
+def _patch_gather_add_op(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor,
+                         impl: str) -> torch.Tensor:
     if impl == "triton":
-        return _launch(x, index, prefix, y)
-    return _gather_torch(x, index, prefix).add_(y)
+        return _launch(x, rows, y)
+    return _gather_torch(x, rows).add_(y)
 
 
 @_patch_gather_add_op.register_fake
-def _(y, x, index, inverse, prefix, impl):
+def _(y, x, rows, inv_rows, impl):
     return y.new_empty(y.shape)
 
 
 def _gather_add_setup(ctx, inputs, output):
-    _, _, index, inverse, prefix, impl = inputs
-    ctx.save_for_backward(index, inverse)
-    ctx.prefix, ctx.impl = prefix, impl
+    _, _, rows, inv_rows, impl = inputs
+    ctx.save_for_backward(rows, inv_rows)
+    ctx.impl = impl
 
 
 def _gather_add_backward(ctx, grad):
-    index, inverse = ctx.saved_tensors
-    grad_x = _patch_gather_op(grad, inverse, index, ctx.prefix, ctx.impl)
-    return grad, grad_x, None, None, None, None
+    rows, inv_rows = ctx.saved_tensors
+    return grad, _patch_gather_op(grad, inv_rows, rows, ctx.impl), None, None, None
 
 
 _patch_gather_add_op.register_autograd(_gather_add_backward, setup_context=_gather_add_setup)
@@ -236,20 +221,19 @@ _patch_gather_add_op.register_autograd(_gather_add_backward, setup_context=_gath
 # ---------------------------------------------------------------------------------------------
 # public functional API
 # ---------------------------------------------------------------------------------------------
-def patch_gather(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, prefix: int = 0,
-                 impl: str = "auto") -> torch.Tensor:
-    """Low-level: gather rows of ``x: [B, L, C]`` along the batch axis by the permutation
-    ``index: [B, Lp]`` (its inverse ``inverse`` drives the backward) on the span starting at
-    ``prefix``. Prefer :func:`mix` / :func:`restore`."""
-    impl = select_impl(impl, (x, index), "patch_gather")
-    return _patch_gather_op(x, index, inverse, prefix, impl)
+def patch_gather(x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Low-level row gather of ``x: [B, L, C]``: ``out.row[r] = x.row[rows[r]]`` for a
+    permutation ``rows: [B * L]`` of the flat rows whose inverse ``inv_rows`` drives the
+    backward. Prefer :func:`mix` / :func:`restore`."""
+    impl = select_impl(impl, (x, rows), "patch_gather")
+    return _patch_gather_op(x, rows, inv_rows, impl)
 
 
-def patch_gather_add(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor,
-                     prefix: int = 0, impl: str = "auto") -> torch.Tensor:
+def patch_gather_add(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor,
+                     impl: str = "auto") -> torch.Tensor:
     """Low-level fused ``y + patch_gather(x, ...)``."""
-    impl = select_impl(impl, (y, x, index), "patch_gather_add")
-    return _patch_gather_add_op(y, x, index, inverse, prefix, impl)
+    impl = select_impl(impl, (y, x, rows), "patch_gather_add")
+    return _patch_gather_add_op(y, x, rows, inv_rows, impl)
 
 
 def _check(x: torch.Tensor, plan: MixPlan, pre: int, suf: int, op: str) -> None:
@@ -267,14 +251,16 @@ def mix(x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0, num_suffi
     backward is :func:`restore` of the cotangent.
     """
     _check(x, plan, num_prefix_tokens, num_suffix_tokens, "mix")
-    return patch_gather(x, plan.src, plan.inv, num_prefix_tokens, impl)
+    rows, inv_rows = plan.rows(x.shape[1], num_prefix_tokens)
+    return patch_gather(x, rows, inv_rows, impl)
 
 
 def restore(x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0, num_suffix_tokens: int = 0,
             impl: str = "auto") -> torch.Tensor:
     """Undo :func:`mix`: ``restore(mix(x, plan), plan) == x`` bit for bit."""
     _check(x, plan, num_prefix_tokens, num_suffix_tokens, "restore")
-    return patch_gather(x, plan.inv, plan.src, num_prefix_tokens, impl)
+    rows, inv_rows = plan.rows(x.shape[1], num_prefix_tokens)
+    return patch_gather(x, inv_rows, rows, impl)
 
 
 def mix_add(y: torch.Tensor, x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0,
@@ -289,7 +275,8 @@ def mix_add(y: torch.Tensor, x: torch.Tensor, plan: MixPlan, *, num_prefix_token
             f"mix_add: y and x must have the same shape, dtype and device; got y {tuple(y.shape)} "
             f"{y.dtype} {y.device} and x {tuple(x.shape)} {x.dtype} {x.device}"
         )
-    return patch_gather_add(y, x, plan.src, plan.inv, num_prefix_tokens, impl)
+    rows, inv_rows = plan.rows(x.shape[1], num_prefix_tokens)
+    return patch_gather_add(y, x, rows, inv_rows, impl)
 
 
 # references with the same signature (used by tests and benchmarks)
@@ -297,18 +284,18 @@ def mix_reference(x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0,
                   num_suffix_tokens: int = 0) -> torch.Tensor:
     """Pure-torch :func:`mix` (no custom op)."""
     _check(x, plan, num_prefix_tokens, num_suffix_tokens, "mix_reference")
-    return patch_gather_reference(x, plan.src, num_prefix_tokens)
+    return patch_gather_reference(x, plan.rows(x.shape[1], num_prefix_tokens)[0])
 
 
 def restore_reference(x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0,
                       num_suffix_tokens: int = 0) -> torch.Tensor:
     """Pure-torch :func:`restore` (no custom op)."""
     _check(x, plan, num_prefix_tokens, num_suffix_tokens, "restore_reference")
-    return patch_gather_reference(x, plan.inv, num_prefix_tokens)
+    return patch_gather_reference(x, plan.rows(x.shape[1], num_prefix_tokens)[1])
 
 
 def mix_add_reference(y: torch.Tensor, x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0,
                       num_suffix_tokens: int = 0) -> torch.Tensor:
     """Pure-torch :func:`mix_add` (no custom op)."""
     _check(x, plan, num_prefix_tokens, num_suffix_tokens, "mix_add_reference")
-    return patch_gather_add_reference(y, x, plan.src, num_prefix_tokens)
+    return patch_gather_add_reference(y, x, plan.rows(x.shape[1], num_prefix_tokens)[0])

@@ -14,7 +14,7 @@ the ``G`` mixed images of its group.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,7 @@ class MixPlan:
     labels: torch.Tensor
     group_size: int
     grid: tuple[int, int]
+    _rows: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -174,6 +175,31 @@ class MixPlan:
         ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
         grid = self.label_grid()
         return grid.repeat_interleave(ph, dim=1).repeat_interleave(pw, dim=2)
+
+    def rows(self, seq_len: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat row tables ``(rows, inv_rows)``, each ``[B * seq_len]`` int64, for a
+        ``[B, seq_len, C]`` sequence whose patch span starts at token ``prefix``: the gather
+        ``out.row[r] = x.row[rows[r]]`` is :func:`mix`, ``inv_rows`` gives :func:`restore`; rows
+        outside the span map to themselves. Built once per layout and cached on the plan."""
+        key = (int(seq_len), int(prefix))
+        tables = self._rows.get(key)
+        if tables is None:
+            B, Lp = self.src.shape
+            if prefix < 0 or prefix + Lp > seq_len:
+                raise ValueError(f"MixPlan.rows: a span of {Lp} patches at token {prefix} does not fit "
+                                 f"a sequence of {seq_len} tokens")
+            dev = self.src.device
+            t = torch.arange(seq_len, device=dev)
+            ident = torch.arange(B, device=dev).view(B, 1) * seq_len + t.view(1, seq_len)  # [B, L]
+            span = t[prefix : prefix + Lp].view(1, Lp)
+            tables = []
+            for index in (self.src, self.inv):
+                r = ident.clone()
+                r[:, prefix : prefix + Lp] = index * seq_len + span
+                tables.append(r.reshape(-1))
+            tables = tuple(tables)
+            self._rows[key] = tables
+        return tables
 
     def validate_for(self, x: torch.Tensor, num_prefix_tokens: int = 0, num_suffix_tokens: int = 0,
                      op: str = "mix") -> None:
