@@ -147,26 +147,25 @@ def patches_to_images(patches: torch.Tensor, patch_size: int | tuple[int, int],
     return rearrange(patches, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=grid[0], w=grid[1], ph=ph, pw=pw)
 
 
-def mix_images(images: torch.Tensor, plan: MixPlan, patch_size: int | tuple[int, int],
-               impl: str = "auto") -> torch.Tensor:
-    """Mix raw images ``[B, C, H, W]`` patch-wise with ``plan`` (what the model's mixed branch
-    "sees"; for pictures and for input-level mixing)."""
+def _gather_images(images: torch.Tensor, plan: MixPlan, patch_size: int | tuple[int, int], impl: str,
+                   op) -> torch.Tensor:
     ph, pw = _patch_hw(patch_size)
     H, W = images.shape[-2:]
     grid = (H // ph, W // pw)
     if tuple(plan.grid) != grid:
-        raise ValueError(f"mix_images: the plan's grid {plan.grid} does not match the image's patch grid {grid}")
-    mixed = _mix.mix(images_to_patches(images, patch_size), plan, impl=impl)
-    return patches_to_images(mixed, patch_size, grid)
+        raise ValueError(f"{op.__name__}_images: the plan's grid {plan.grid} does not match the image's patch grid "
+                         f"{grid}")
+    return patches_to_images(op(images_to_patches(images, patch_size), plan, impl=impl), patch_size, grid)
+
+
+def mix_images(images: torch.Tensor, plan: MixPlan, patch_size: int | tuple[int, int],
+               impl: str = "auto") -> torch.Tensor:
+    """Mix raw images ``[B, C, H, W]`` patch-wise with ``plan`` (what the model's mixed branch
+    "sees"; for pictures and for input-level mixing)."""
+    return _gather_images(images, plan, patch_size, impl, _mix.mix)
 
 
 def restore_images(images: torch.Tensor, plan: MixPlan, patch_size: int | tuple[int, int],
                    impl: str = "auto") -> torch.Tensor:
     """Inverse of :func:`mix_images`."""
-    ph, pw = _patch_hw(patch_size)
-    H, W = images.shape[-2:]
-    grid = (H // ph, W // pw)
-    if tuple(plan.grid) != grid:
-        raise ValueError(f"restore_images: the plan's grid {plan.grid} does not match the image's patch grid {grid}")
-    restored = _mix.restore(images_to_patches(images, patch_size), plan, impl=impl)
-    return patches_to_images(restored, patch_size, grid)
+    return _gather_images(images, plan, patch_size, impl, _mix.restore)

@@ -34,6 +34,7 @@ from torch.profiler import record_function
 from ..ops.plan import MixPlan
 from .groupvit import GroupViT, compose_assignments
 from .mixer import MixedPatchMixer
+from .vision import init_linear_and_norm
 
 __all__ = ["MixReorgConfig", "MixReorg", "PROGRESSIVE_MODES"]
 
@@ -116,14 +117,7 @@ class MixReorg(nn.Module):
     @staticmethod
     def _fresh_block(template: nn.Module) -> nn.Module:
         blk = copy.deepcopy(template)
-        for m in blk.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        blk.apply(init_linear_and_norm)
         if hasattr(blk, "drop_path"):
             blk.drop_path = nn.Identity()
         return blk

@@ -49,6 +49,18 @@ def interpolate_pos_embed(
     return grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, C)  # [1, h*w, C]
 
 
+def init_linear_and_norm(m: nn.Module) -> None:
+    """GroupViT's init of one module (use with ``Module.apply``): trunc-normal(0.02) Linear
+    weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches: ``Conv2d(kernel = stride = patch)`` then LayerNorm.
 
@@ -349,16 +361,7 @@ class GroupViTVisionEncoder(nn.Module):
         """GroupViT init: trunc-normal(0.02) Linear weights and position embedding, zero biases,
         unit LayerNorms, trunc-normal first-stage group tokens, zero projected group tokens."""
 
-        def init(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-        self.apply(init)
+        self.apply(init_linear_and_norm)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for st in self.stages:
             if st.group_token is not None:
