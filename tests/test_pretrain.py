@@ -1,0 +1,354 @@
+"""Pretraining recipe: objective, config, schedule, CLI end to end, exact resume, NaN stop, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixreorg.checkpoint import CheckpointManager, load_checkpoint
+from mixreorg.losses import ImageTextContrastiveLoss
+from mixreorg.recipes.config import PretrainConfig, apply_overrides, get_preset
+from mixreorg.recipes.models import build_model, no_weight_decay_names
+from mixreorg.recipes.objective import ContrastiveObjective
+from mixreorg.recipes.pretrain import NaNLossError, WarmupCosine, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a model small enough for a few CPU steps per second
+TINY = [
+    "model.vision.embed_dim=32",
+    "model.vision.num_heads=2",
+    "model.vision.depths=[1,1,1]",
+    "model.vision.num_group_tokens=[4,2,0]",
+    "model.vision.num_output_groups=[4,2]",
+    "model.text.width=32",
+    "model.text.layers=1",
+    "model.text.heads=2",
+    "model.text.context_length=32",
+    "model.proj_dim=16",
+    "model.proj_hidden=32",
+    "data.image_size=32",
+    "train.batch_size=8",
+    "optim.warmup_steps=2",
+    "train.log_every=1",
+    "eval.size=8",
+    "eval.batch_size=8",
+    "eval.overlays=2",
+    "train.threads=1",
+    "train.time_limit=0",
+]
+
+
+def tiny_config(out: Path, steps: int = 6, **extra: object) -> PretrainConfig:
+    cfg = get_preset("tiny")
+    apply_overrides(cfg, TINY)
+    apply_overrides(cfg, {"train.steps": steps, "train.out_dir": str(out), **extra})
+    return cfg.validate()
+
+
+# ---------------------------------------------------------------------------------------------- objective
+def _embeds(b: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (F.normalize(torch.randn(b, d, generator=g), dim=-1), F.normalize(torch.randn(b, d, generator=g), dim=-1))
+
+
+def test_softmax_objective_equals_infonce_without_keys() -> None:
+    img, txt = _embeds()
+    scale = torch.tensor(math.log(10.0))
+    obj = ContrastiveObjective("softmax", multi_positive=False, multi_label_weight=0.0)
+    out = obj(img, txt, logit_scale=scale)
+    ref = ImageTextContrastiveLoss()(img, txt, scale)
+    torch.testing.assert_close(out["loss"], ref)
+
+
+def test_sigmoid_objective_matches_formula_and_multi_positive() -> None:
+    img, txt = _embeds()
+    obj = ContrastiveObjective("sigmoid", multi_positive=True, multi_label_weight=0.0, bias_init=-3.0)
+    keys = ["a", "b", "a", "c", "d", "b"]
+    out = obj(img, txt, logit_scale=torch.tensor(math.log(5.0)), text_keys=keys)
+    pos = torch.tensor([[ki == kj for kj in keys] for ki in keys])
+    logits = 5.0 * img @ txt.t() - 3.0
+    ref = -F.logsigmoid(torch.where(pos, logits, -logits)).sum() / 6
+    torch.testing.assert_close(out["loss"], ref)
+    # without keys only the diagonal is positive
+    out1 = obj(img, txt, logit_scale=torch.tensor(math.log(5.0)))
+    ref1 = -F.logsigmoid(torch.where(torch.eye(6, dtype=torch.bool), logits, -logits)).sum() / 6
+    torch.testing.assert_close(out1["loss"], ref1)
+
+
+def test_prompt_positives_follow_label_keys() -> None:
+    img, _ = _embeds(3, 8)
+    txt = img.clone()
+    prompts = F.normalize(torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    pkeys = [["circle", "grass"], ["square", "cap1"], ["circle", "sky"]]
+    labels = [["circle", "grass"], ["square", "cap1"], ["circle", "sky", "square"]]
+    obj = ContrastiveObjective("sigmoid", multi_positive=False, multi_label_weight=1.0, bias_init=0.0)
+    out = obj(img, txt, logit_scale=torch.tensor(0.0), prompt_embed=prompts, prompt_keys=pkeys, label_keys=labels)
+    flat_keys = [k for p in pkeys for k in p]
+    pos = torch.tensor([[k in set(lab) for k in flat_keys] for lab in labels])
+    logits = img @ prompts.reshape(6, 8).t()
+    ref = -F.logsigmoid(torch.where(pos, logits, -logits)).sum() / 3
+    torch.testing.assert_close(out["ml"], ref)
+    with pytest.raises(ValueError, match="prompt_embed"):
+        obj(img, txt, logit_scale=torch.tensor(0.0))
+
+
+def test_objective_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="loss must be"):
+        ContrastiveObjective("hinge")
+    img, txt = _embeds()
+    with pytest.raises(ValueError, match="same shape"):
+        ContrastiveObjective()(img, txt[:3], logit_scale=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_config_overrides_presets_and_roundtrip(tmp_path: Path) -> None:
+    cfg = get_preset("tiny")
+    apply_overrides(cfg, ["optim.lr=5e-4", "model.vision.depths=[1,2,3]", "objective.loss=softmax", "train.amp=false"])
+    assert cfg.optim.lr == 5e-4 and cfg.model.vision["depths"] == [1, 2, 3]
+    assert cfg.objective.loss == "softmax" and cfg.train.amp is False
+    with pytest.raises(ValueError, match="unknown config key"):
+        apply_overrides(cfg, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="expected an int"):
+        apply_overrides(cfg, ["train.steps=abc"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("nope")
+    back = PretrainConfig.load(cfg.save(tmp_path / "c.json"))
+    assert back.to_dict() == cfg.to_dict()
+    paper = get_preset("groupvit_cc12m")
+    assert paper.peak_lr() == pytest.approx(1.6e-3) and paper.model.vision["embed_dim"] == 384
+    assert get_preset("mixreorg_cc12m").model.name == "mixreorg"
+
+
+def test_schedule_warmup_cosine_and_no_decay_groups() -> None:
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    s = WarmupCosine(opt, peak=1.0, warmup_lr=0.0, min_lr=0.1, warmup_steps=4, total_steps=14)
+    lrs = [s.lr(i) for i in range(15)]
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(0.5) and lrs[4] == pytest.approx(1.0)
+    assert lrs[9] == pytest.approx(0.55) and lrs[14] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    cfg = get_preset("tiny")
+    apply_overrides(cfg, TINY)
+    model = build_model(cfg)
+    skip = no_weight_decay_names(model)
+    for name, q in model.named_parameters():
+        if q.ndim <= 1 or name.endswith(("pos_embed", "group_token")):
+            assert name in skip, name
+        else:
+            assert name not in skip, name
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def test_cli_pretrain_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    args = ["--steps", "4", "--out", str(out), "--quiet"] + [a for s in TINY for a in ("--set", s)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "x chance" in printed
+    for f in (
+        "config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "eval/synthshapes_overlay.png",
+        "eval/results.json",
+        "eval/synthshapes_miou.md",
+    ):
+        assert (out / f).is_file(), f
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["img_s"] > 0 for r in train_recs)
+    res = json.loads((out / "eval/results.json").read_text())["synthshapes"]
+    assert 0.0 <= res["miou"] <= 1.0 and len(res["iou"]) == 10
+    saved = load_checkpoint(CheckpointManager(out / "checkpoints").latest())
+    assert saved["step"] == 4 and saved["config"]["train"]["steps"] == 4
+    # the evaluate CLI reloads the run from its checkpoint alone
+    from mixreorg.recipes.evaluate import main as eval_main
+
+    assert eval_main([str(out), "--size", "8", "--out", str(tmp_path / "ev")]) == 0
+    assert (tmp_path / "ev" / "synthshapes_overlay.png").is_file()
+    # an existing run folder is resumed (nothing left to do) rather than overwritten
+    assert main(args + ["--no-eval"]) == 0
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    steps = 6
+    full = train(tiny_config(tmp_path / "full", steps, **{"train.save_every": 0}), evaluate_at_end=False, quiet=True)
+    cut_cfg = tiny_config(tmp_path / "cut", steps, **{"train.save_every": 0})
+    first = train(cut_cfg, stop_after=3, evaluate_at_end=False, quiet=True)
+    assert first["step"] == 3
+    torch.manual_seed(1234)  # a different process state must not matter: everything is restored
+    second = train(
+        tiny_config(tmp_path / "cut", steps, **{"train.save_every": 0}), resume=True, evaluate_at_end=False, quiet=True
+    )
+    assert second["step"] == steps
+    a = load_checkpoint(full["checkpoint"])
+    b = load_checkpoint(second["checkpoint"])
+    assert a["step"] == b["step"] == steps
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=0, atol=0)
+    la = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "nan", 8, **{"train.save_every": 2, "train.keep_last": 2})
+    with pytest.raises(NaNLossError) as info:
+        train(cfg, fail_at_step=5, evaluate_at_end=False, quiet=True)
+    err = info.value
+    assert err.step == 5 and "step 5" in str(err)
+    steps = [s for s, _ in CheckpointManager(tmp_path / "nan" / "checkpoints").checkpoints()]
+    assert steps == [2, 4]
+    assert err.checkpoint is not None and err.checkpoint.name.endswith("000000004.pt")
+    state = load_checkpoint(err.checkpoint)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # the run resumes from the last good checkpoint
+    done = train(
+        tiny_config(tmp_path / "nan", 8, **{"train.save_every": 2, "train.keep_last": 2}),
+        evaluate_at_end=False,
+        quiet=True,
+    )
+    assert done["step"] == 8
+
+
+def test_cli_reports_nan_with_exit_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mixreorg.recipes.pretrain as pt
+
+    real = pt.train
+    monkeypatch.setattr(pt, "train", lambda cfg, **kw: real(cfg, fail_at_step=2, **kw))
+    args = ["--steps", "4", "--out", str(tmp_path / "r"), "--quiet"] + [a for s in TINY for a in ("--set", s)]
+    assert pt.main(args) == 3
+    assert "step 2" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    """torchrun, 2 gloo ranks x local batch 4: gathered losses, per-rank data shards, a checkpoint that
+    holds every rank's data position, one metrics stream (rank 0)."""
+    out = tmp_path / "ddp"
+    sets = [a for s in TINY for a in ("--set", s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "mixreorg.recipes.pretrain",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-eval",
+        *sets,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(CheckpointManager(out / "checkpoints").latest())
+    assert state["step"] == 3 and len(state["data"]["ranks"]) == 2
+    assert [d["rank"] for d in state["data"]["ranks"]] == [0, 1]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(math.isfinite(r["loss"]) for r in recs)
+
+
+def test_assigned_pool_ignores_segments_that_own_no_patch() -> None:
+    from mixreorg.recipes.models import AssignedPoolGroupViT, assigned_pool
+
+    tokens = torch.randn(2, 3, 4)
+    hard = torch.zeros(2, 3, 5)
+    hard[0, 0, :3] = 1  # image 0: segment 0 owns 3 patches, segment 2 owns 2, segment 1 none
+    hard[0, 2, 3:] = 1
+    hard[1, 1, :] = 1  # image 1: segment 1 owns everything
+    pooled = assigned_pool({"tokens": tokens, "hard_maps": [hard]})
+    torch.testing.assert_close(pooled[0], 0.6 * tokens[0, 0] + 0.4 * tokens[0, 2])
+    torch.testing.assert_close(pooled[1], tokens[1, 1])
+    with pytest.raises(ValueError, match="assignment maps"):
+        assigned_pool({"tokens": tokens, "hard_maps": []})
+    cfg = get_preset("tiny")
+    apply_overrides(cfg, TINY + ["model.image_pool=assigned"])
+    model = build_model(cfg).eval()
+    view = model.inference_model()
+    assert isinstance(view, AssignedPoolGroupViT) and view.groupvit is model.groupvit
+    out = view.encode_image(torch.randn(2, 3, 32, 32), return_maps=True)
+    assert out["image_embed"].shape == (2, 16) and out["seg_embed"].shape == (2, 2, 16)
+    torch.testing.assert_close(out["image_embed"].norm(dim=-1), torch.ones(2))
+
+
+def test_folder_source_with_deit_augmentation(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i:03d}.png")
+        (data / f"{i:03d}.txt").write_text(f"a photo of a {'cat' if i % 2 else 'dog'} on a red sofa {i}")
+    out = tmp_path / "run"
+    args = [
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-eval",
+        "--data",
+        str(data),
+        "--set",
+        "data.augment=deit",
+        "--set",
+        "data.text_keys=caption",
+    ] + [a for s in TINY for a in ("--set", s)]
+    assert main(args) == 0
+    saved = load_checkpoint(CheckpointManager(out / "checkpoints").latest())
+    assert saved["config"]["data"]["source"] == "folder" and saved["step"] == 2
+
+
+def test_evaluate_background_dataset_layout() -> None:
+    """A dataset with a thresholded background class (VOC-style): prompts for classes 1.., label 0 by
+    threshold, predictions resized to the mask size; the confusion matrix covers all classes."""
+    from mixreorg.recipes.evaluate import evaluate_segmentation
+
+    class Fake:
+        CLASS_NAMES = ("background", "circle", "square")
+        NUM_CLASSES = 3
+        IGNORE_INDEX = 255
+        BACKGROUND_INDEX = 0
+        BG_THRESH = 0.9
+
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> dict:
+            mask = torch.zeros(20, 24, dtype=torch.long)
+            mask[:5] = 255
+            mask[10:, :12] = 1 + i % 2
+            return {"image": torch.randn(3, 32, 32), "mask": mask}
+
+    cfg = get_preset("tiny")
+    apply_overrides(cfg, TINY)
+    model = build_model(cfg)
+    res = evaluate_segmentation(model, Fake(), batch_size=2, keep=1)
+    assert res["bg_thresh"] == 0.9 and len(res["iou"]) == 3 and res["num_images"] == 3
+    image, mask, pred = res["kept"][0]
+    assert pred.shape == mask.shape == (20, 24) and int(pred.max()) <= 2
+    with pytest.raises(ValueError, match="bg_thresh"):
+        Fake.BG_THRESH = None
+        evaluate_segmentation(model, Fake())
