@@ -13,7 +13,7 @@ from torch import nn
 from .text import TextEncoder
 from .vision import GroupViTVisionEncoder
 
-__all__ = ["ProjectionHead", "GroupViT", "compose_assignments", "assignment_to_image"]
+__all__ = ["ProjectionHead", "GroupViT", "compose_assignments", "assignment_to_image", "assigned_pool"]
 
 
 class ProjectionHead(nn.Module):
@@ -71,6 +71,23 @@ def assignment_to_image(
     if size is not None and tuple(size) != (h, w):
         m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
     return m
+
+
+def assigned_pool(vision_out: dict) -> torch.Tensor:
+    """Image vector ``[B, C]`` = the segment tokens averaged with weights = the share of patches each
+    segment owns (composed hard assignments; straight-through gradient in training).
+
+    GroupViT averages its segment tokens uniformly, so a segment that owns NO patch (its token is
+    still fed by the grouping block's cross-attention over the whole image) can carry the image's
+    semantics while the segments that own the pixels carry none -- which zero-shot segmentation
+    reads. Weighting by ownership makes the pixel-owning segments the ones that must match the text.
+    """
+    maps = vision_out.get("hard_maps") or []
+    if not maps:
+        raise ValueError("assigned pooling needs the assignment maps (encode with return_maps=True)")
+    weights = compose_assignments(maps).sum(-1)  # [B, S] patches owned by each final segment
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
+    return torch.einsum("bs,bsc->bc", weights.to(vision_out["tokens"].dtype), vision_out["tokens"])
 
 
 class GroupViT(nn.Module):

@@ -32,7 +32,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..ops.plan import MixPlan
-from .groupvit import GroupViT, compose_assignments
+from .groupvit import GroupViT, assigned_pool, compose_assignments
 from .mixer import MixedPatchMixer
 from .vision import init_linear_and_norm
 
@@ -55,6 +55,9 @@ class MixReorgConfig:
         seg_maps: which composed patch -> segment map the mixed segmentation loss uses: ``"hard"``
             (straight-through one-hot, as GroupViT trains; [R]) or ``"soft"`` (the noise-free
             softmax maps, as zero-shot inference uses).
+        image_pool: the image vector of every branch: ``"mean"`` (GroupViT: uniform average of
+            the segment tokens) or ``"assigned"`` (weighted by the patches each segment owns,
+            :func:`mixreorg.nn.groupvit.assigned_pool`).
     """
 
     group_size: int = 16
@@ -63,6 +66,7 @@ class MixReorgConfig:
     progressive_mode: str = "add"
     mix_impl: str = "auto"
     seg_maps: str = "hard"
+    image_pool: str = "mean"
 
 
 class MixReorg(nn.Module):
@@ -92,6 +96,8 @@ class MixReorg(nn.Module):
             raise ValueError(f"progressive_mode must be one of {PROGRESSIVE_MODES}, got {config.progressive_mode!r}")
         if config.seg_maps not in ("hard", "soft"):
             raise ValueError(f"seg_maps must be 'hard' or 'soft', got {config.seg_maps!r}")
+        if config.image_pool not in ("mean", "assigned"):
+            raise ValueError(f"image_pool must be 'mean' or 'assigned', got {config.image_pool!r}")
         if config.contextual and depth == 0:
             raise ValueError("contextual mixing copies a stage-1 block: stage 1 needs at least one block")
         self.groupvit = groupvit
@@ -177,12 +183,16 @@ class MixReorg(nn.Module):
         h, _, L = self._stage1_input(images)
         for blk in enc.stages[0].blocks:
             h = self._run(blk, h)
-        out = enc.forward_from_stage1_output(h[:, :L], h[:, L:], return_maps=return_maps, grid=grid)
+        assigned = self.config.image_pool == "assigned"
+        out = enc.forward_from_stage1_output(h[:, :L], h[:, L:], return_maps=return_maps or assigned, grid=grid)
+        if assigned:
+            out["pooled"] = assigned_pool(out)
         return self.groupvit.project_image(out, with_seg=return_maps)
 
     def to_groupvit(self) -> GroupViT:
         """A :class:`GroupViT` with one more stage-1 block (the contextual block first) holding
-        these weights: "GroupViT+", the inference model of MixReorg (Table 6)."""
+        these weights: "GroupViT+", the inference model of MixReorg (Table 6). With
+        ``image_pool="assigned"`` wrap it as ``mixreorg.recipes.models.AssignedPoolGroupViT``."""
         if self.context_block is None:
             return copy.deepcopy(self.groupvit)
         gv = copy.deepcopy(self.groupvit)
@@ -239,6 +249,8 @@ class MixReorg(nn.Module):
                 torch.cat([x_o, x_m, x_r], 0), torch.cat([g_o, g_m, g_o], 0), return_maps=True, grid=grid
             )
         with record_function("mixreorg/projection heads"):
+            if self.config.image_pool == "assigned":
+                out["pooled"] = assigned_pool(out)
             out = self.groupvit.project_image(out, with_seg=True)
         branches = {}
         for i, name in enumerate(("original", "mixed", "restored")):
@@ -265,12 +277,9 @@ class MixReorg(nn.Module):
         segmentation loss uses.
         """
         out = self.forward_branches(images, plan, generator)
-        if prompt_ids is None:
-            out["text_embed"], out["prompt_embed"] = self.encode_text(token_ids), None
-        else:  # one text-tower pass over captions and prompts (its BatchNorm sees them together)
-            B, K, T = prompt_ids.shape
-            both = self.encode_text(torch.cat([token_ids, prompt_ids.reshape(B * K, T)], dim=0))  # [B + B*K, D]
-            out["text_embed"], out["prompt_embed"] = both[:B], both[B:].reshape(B, K, -1)
+        # two text passes, as the GroupViT trainer: captions and prompts may have other lengths
+        out["text_embed"] = self.encode_text(token_ids)  # [B, D]
+        out["prompt_embed"] = self.encode_text(prompt_ids) if prompt_ids is not None else None  # [B, K, D]
         gv = self.groupvit
         out["logit_scale"] = gv.logit_scale
         ml = gv.multi_label_logit_scale if gv.multi_label_logit_scale is not None else gv.logit_scale

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from mixreorg.losses import MixReorgLoss, text_ids
-from mixreorg.nn.groupvit import GroupViT
 from mixreorg.nn.mixreorg import MixReorg
 
-__all__ = ["MixReorgPretrainer"]
+__all__ = ["MixReorgPretrainer", "build_mixreorg_trainer"]
 
 
 class MixReorgPretrainer(nn.Module):
@@ -36,9 +35,13 @@ class MixReorgPretrainer(nn.Module):
         self.objective = objective
         self.loss = MixReorgLoss(objective, seg_weight=seg_weight, restored_weight=restored_weight)
 
-    def inference_model(self) -> GroupViT:
-        """GroupViT+ with the trained weights: the original branch alone (same cost as GroupViT)."""
-        return self.model.to_groupvit()
+    def inference_model(self) -> nn.Module:
+        """GroupViT+ with the trained weights: the original branch alone (same cost as GroupViT),
+        pooled as in training."""
+        from .models import AssignedPoolGroupViT
+
+        gv = self.model.to_groupvit()
+        return AssignedPoolGroupViT(gv) if self.model.config.image_pool == "assigned" else gv
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
@@ -60,3 +63,15 @@ def _row_keys(token_ids: torch.Tensor) -> torch.Tensor:
     """Equal token rows -> equal integer keys (for merging duplicate captions in a group)."""
     _, inverse = torch.unique(token_ids, dim=0, return_inverse=True)
     return inverse
+
+
+def build_mixreorg_trainer(cfg) -> MixReorgPretrainer:
+    """``--model mixreorg``: the recipe's GroupViT backbone and shared objective, MixReorg switches
+    from ``cfg.model.mixreorg`` (:class:`MixReorgConfig` fields plus ``seg_weight`` /
+    ``restored_weight``), image pooling from ``cfg.model.image_pool`` (every branch)."""
+    from .models import build_groupvit, build_objective
+
+    opts = dict(cfg.model.mixreorg)
+    weights = {k: opts.pop(k) for k in ("seg_weight", "restored_weight") if k in opts}
+    opts.setdefault("image_pool", cfg.model.image_pool)
+    return MixReorgPretrainer(MixReorg(build_groupvit(cfg), opts), build_objective(cfg), **weights)

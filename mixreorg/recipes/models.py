@@ -12,13 +12,15 @@ text_keys list (optional), prompt_keys [B][K] (optional), label_keys [B][...] (o
 Registry (:data:`MODEL_BUILDERS`, extend with :func:`register_model`):
 
 * ``groupvit``: :class:`GroupViTPretrainer` -- GroupViT + :class:`ContrastiveObjective`.
-* ``groupvit_plus``: the same model; the name marks GroupViT trained with the extra prompt loss of
-  the recipe (kept for the paper's comparison tables; identical to ``groupvit`` here).
-* ``mixreorg``: the lead's ``MixReorgModel`` (mixreorg/nn/mixreorg.py) -- see the marked block.
+* ``groupvit_plus``: GroupViT with one more stage-1 block ("GroupViT+", MixReorg's inference size;
+  the paper's parameter-matched baseline, Table 6).
+* ``mixreorg``: :class:`mixreorg.recipes.mixreorg_trainer.MixReorgPretrainer` (three branches,
+  L_seg + the shared objective on the original and restored branches).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixreorg.nn.groupvit import GroupViT, compose_assignments
+from mixreorg.nn.groupvit import GroupViT, assigned_pool
 
 from .config import PretrainConfig
 from .objective import ContrastiveObjective
@@ -77,23 +79,6 @@ def build_groupvit(cfg: PretrainConfig) -> GroupViT:
 
 
 IMAGE_POOLS = ("mean", "assigned")
-
-
-def assigned_pool(vision_out: dict) -> torch.Tensor:
-    """Image vector ``[B, C]`` = the segment tokens averaged with weights = the share of patches each
-    segment owns (composed hard assignments; straight-through gradient in training).
-
-    GroupViT averages its segment tokens uniformly, so a segment that owns NO patch (its token is
-    still fed by the grouping block's cross-attention over the whole image) can carry the image's
-    semantics while the segments that own the pixels carry none -- which zero-shot segmentation
-    reads. Weighting by ownership makes the pixel-owning segments the ones that must match the text.
-    """
-    maps = vision_out.get("hard_maps") or []
-    if not maps:
-        raise ValueError("assigned pooling needs the assignment maps (encode with return_maps=True)")
-    weights = compose_assignments(maps).sum(-1)  # [B, S] patches owned by each final segment
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
-    return torch.einsum("bs,bsc->bc", weights.to(vision_out["tokens"].dtype), vision_out["tokens"])
 
 
 class AssignedPoolGroupViT(nn.Module):
@@ -204,26 +189,28 @@ def _build_groupvit_trainer(cfg: PretrainConfig) -> nn.Module:
     return GroupViTPretrainer(build_groupvit(cfg), build_objective(cfg), image_pool=cfg.model.image_pool)
 
 
+def _build_groupvit_plus_trainer(cfg: PretrainConfig) -> nn.Module:
+    cfg = copy.deepcopy(cfg)
+    depths = list(cfg.model.vision.get("depths", (6, 3, 3)))
+    depths[0] += 1
+    cfg.model.vision = dict(cfg.model.vision, depths=tuple(depths))
+    return _build_groupvit_trainer(cfg)
+
+
 MODEL_BUILDERS: dict[str, Callable[[PretrainConfig], nn.Module]] = {
     "groupvit": _build_groupvit_trainer,
-    "groupvit_plus": _build_groupvit_trainer,
+    "groupvit_plus": _build_groupvit_plus_trainer,
 }
 
-# ---------------------------------------------------------------------------------------------------
-# MixReorg entries (the lead): register a builder taking the PretrainConfig and returning a module
-# with ``training_losses(batch)`` and ``inference_model()``, e.g.
-#
-#     def _build_mixreorg(cfg):
-#         from mixreorg.nn.mixreorg import MixReorgModel
-#         return MixReorgModel(build_groupvit(cfg), build_objective(cfg), image_pool=cfg.model.image_pool,
-#                              **cfg.model.mixreorg)
-#     MODEL_BUILDERS["mixreorg"] = _build_mixreorg
-#
-# The objective MUST come from build_objective(cfg) so that every compared model is trained alike, and
-# the image vectors of every branch must be pooled as cfg.model.image_pool says (assigned_pool(vision_out)
-# for "assigned"; the tiny preset uses it), with inference_model() returning
-# AssignedPoolGroupViT(<the GroupViT of the original branch>) in that case.
-# ---------------------------------------------------------------------------------------------------
+# MixReorg (mixreorg/recipes/mixreorg_trainer.py): the same backbone builder, the same objective
+# (build_objective), and every branch pooled as cfg.model.image_pool says.
+def _build_mixreorg(cfg: PretrainConfig) -> nn.Module:
+    from .mixreorg_trainer import build_mixreorg_trainer
+
+    return build_mixreorg_trainer(cfg)
+
+
+MODEL_BUILDERS["mixreorg"] = _build_mixreorg
 
 
 def register_model(name: str, builder: Callable[[PretrainConfig], nn.Module]) -> None:
@@ -245,15 +232,6 @@ def build_model(cfg: PretrainConfig | str) -> nn.Module:
             cfg = get_preset("tiny")
             cfg.model.name = name
     name = cfg.model.name
-    if name == "mixreorg" and name not in MODEL_BUILDERS:
-        try:  # the lead's module registers itself on import, if it provides a hook
-            import mixreorg.nn.mixreorg as _mr
-
-            hook = getattr(_mr, "register_pretrain_builder", None)
-            if hook is not None:
-                hook(register_model, build_groupvit, build_objective)
-        except ImportError:
-            pass
     if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_BUILDERS))}")
     return MODEL_BUILDERS[name](cfg)
