@@ -55,16 +55,21 @@ def _advidx(x, plan):
     return x[plan.src, torch.arange(L, device=x.device)]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape,dtype", list(_params()))
-def test_mix_forward(benchmark, shape, dtype, impl):
-    plan, x = _setup(shape, dtype)
-    fn = {
+def _forward(impl, x, plan):
+    """The forward under test for ``impl`` (``clone``: the bandwidth ceiling)."""
+    return {
         "triton": lambda: mix(x, plan, impl="triton"),
         "torch": lambda: mix(x, plan, impl="torch"),
         "advidx": lambda: _advidx(x, plan),
         "clone": lambda: x.clone(),
     }[impl]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,dtype", list(_params()))
+def test_mix_forward(benchmark, shape, dtype, impl):
+    plan, x = _setup(shape, dtype)
+    fn = _forward(impl, x, plan)
 
     def run():
         out = fn()
@@ -87,11 +92,7 @@ def test_mix_forward_backward(benchmark, shape, dtype, impl):
             _sync()
             return a, b
     else:
-        f = {
-            "triton": lambda: mix(x, plan, impl="triton"),
-            "torch": lambda: mix(x, plan, impl="torch"),
-            "advidx": lambda: _advidx(x, plan),
-        }[impl]
+        f = _forward(impl, x, plan)
 
         def run():
             (g,) = torch.autograd.grad(f(), x, grad)
@@ -107,12 +108,7 @@ def test_mix_forward_backward(benchmark, shape, dtype, impl):
 def test_mix_backward(benchmark, shape, dtype, impl):
     plan, x = _setup(shape, dtype, requires_grad=impl != "clone")
     grad = torch.randn(x.shape, device=DEVICE, dtype=dtype)
-    f = {
-        "triton": lambda: mix(x, plan, impl="triton"),
-        "torch": lambda: mix(x, plan, impl="torch"),
-        "advidx": lambda: _advidx(x, plan),
-        "clone": None,
-    }[impl]
+    f = _forward(impl, x, plan)
 
     if impl == "clone":
         def setup():

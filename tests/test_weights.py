@@ -12,9 +12,7 @@ import math
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-from transformers import GroupViTConfig, GroupViTModel  # noqa: E402
+from transformers import GroupViTConfig, GroupViTModel  # a test dependency: the independent oracle
 
 from mixreorg.nn import GroupViT, load_hf_groupvit, load_nvlabs_groupvit  # noqa: E402
 from mixreorg.nn.weights import (  # noqa: E402
