@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .data.segmentation import voc_palette
 from .data.transforms import CLIP_MEAN, CLIP_STD
 
 __all__ = [
@@ -47,17 +48,9 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, in
 
 
 def palette(n: int) -> np.ndarray:
-    """``[n, 3]`` uint8 colours, distinct for neighbouring ids (PASCAL-style bit interleaving)."""
-    out = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i + 1, 0, 0, 0  # +1: id 0 is not black (black is kept for "ignore")
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        out[i] = (r, g, b)
-    return out
+    """``[n, 3]`` uint8 colours, distinct for neighbouring ids: the PASCAL VOC colour map shifted by
+    one, so that id 0 is not black (black is kept for "ignore")."""
+    return voc_palette(n + 1)[1:]
 
 
 def to_uint8_image(
