@@ -409,3 +409,30 @@ def test_default_model_trains_one_step_on_cpu():
     before = m.vision.stages[0].downsample.assign.q.weight.detach().clone()
     opt.step()
     assert not torch.equal(before, m.vision.stages[0].downsample.assign.q.weight)
+
+
+def test_conv_stem_tokens_see_their_patch_and_a_margin_only() -> None:
+    """``stem="conv"``: same token layout as the patch stem; a token's receptive field is its patch
+    plus a margin of < p pixels (2p - 1 wide), and non-power-of-2 patches are refused."""
+    from mixreorg.nn.vision import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(32, 8, 3, 16, stem="conv").eval()
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    tokens, grid = pe(x)
+    assert tokens.shape == (1, 16, 16) and grid == (4, 4)
+    (tokens[0, 5] * torch.randn(16)).sum().backward()  # token (1, 1): pixels 8..15 in both axes
+    seen = x.grad[0].abs().sum(0) > 0  # [32, 32]
+    rows = seen.any(1).nonzero().flatten()
+    assert rows.min() >= 8 - 8 and rows.max() <= 15 + 8 and rows.max() - rows.min() + 1 <= 2 * 8 - 1
+    assert seen[8:16, 8:16].all()
+    with pytest.raises(ValueError, match="power-of-2"):
+        PatchEmbed(36, 6, 3, 16, stem="conv")
+    with pytest.raises(ValueError, match="stem must be"):
+        PatchEmbed(32, 8, 3, 16, stem="hybrid")
+    enc = GroupViTVisionEncoder(
+        img_size=32, patch_size=8, embed_dim=16, num_heads=2, depths=[1, 1], num_group_tokens=[4, 0],
+        num_output_groups=[2], stem="conv",
+    )
+    out = enc(torch.randn(2, 3, 32, 32), return_maps=True)
+    assert out["tokens"].shape == (2, 2, 16) and out["soft_maps"][0].shape == (2, 2, 16)

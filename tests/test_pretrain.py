@@ -389,3 +389,72 @@ def test_cli_pretrain_mixreorg_and_evaluate_from_checkpoint(tmp_path: Path, caps
     from mixreorg.recipes.evaluate import main as eval_main
 
     assert eval_main([str(out), "--size", "8", "--out", str(tmp_path / "ev")]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- comparison
+def test_table6_rows_by_name_follow_the_presets() -> None:
+    from mixreorg.presets import PRESETS as TABLE6
+
+    cfg = get_preset("tiny_mixreorg")
+    for name, preset in TABLE6.items():
+        if preset.kind != "mixreorg":
+            continue
+        cfg.model.name = name
+        m = build_model(cfg)
+        assert m.model.config.contextual == preset.mixreorg["contextual"], name
+        assert (m.loss.seg_weight, m.loss.restored_weight) == (preset.seg_weight, preset.restored_weight), name
+        assert m.model.config.group_size == cfg.model.mixreorg["group_size"]  # the recipe's other switches stay
+
+
+def test_supervised_upper_bound_learns_from_masks(tmp_path: Path) -> None:
+    """``--model supervised``: the backbone + class embeddings fit a fixed batch's masks (the loss falls
+    well below its start), and evaluation reads the class embeddings, not text prompts."""
+    from mixreorg.data.segmentation import build_segmentation_dataset
+    from mixreorg.data.synthshapes import SynthShapesStream
+    from mixreorg.recipes.evaluate import evaluate_segmentation
+
+    cfg = tiny_config(tmp_path / "sup")
+    cfg.model.name = "supervised"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    raw = next(iter(SynthShapesStream(8, seed=0, image_size=32)))
+    batch = {"images": raw["image"], "masks": raw["mask"]}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = model.training_losses(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"].detach()))
+    assert losses[-1] < 0.6 * losses[0]
+    assert all(p.grad is None for p in model.groupvit.text.parameters())  # the text tower is not trained
+    with pytest.raises(ValueError, match="masks"):
+        model.training_losses({"images": raw["image"]})
+    with pytest.raises(ValueError, match="unknown classes"):
+        model.class_embeddings(["circle", "dog"])
+    ds = build_segmentation_dataset("synthshapes", size=4, image_size=32)
+    res = evaluate_segmentation(model.eval(), ds, batch_size=4)
+    assert res["closed_vocabulary"] and res["topk"] is None and 0.0 <= res["miou"] <= 1.0
+
+
+def test_compare_runs_rows_and_seeds_and_keeps_finished_runs(tmp_path: Path, capsys) -> None:
+    from mixreorg.recipes.compare import main as compare_main
+
+    out = tmp_path / "cmp"
+    args = ["--rows", "groupvit", "supervised", "--seeds", "0", "1", "--steps", "2", "--out", str(out)]
+    args += [a for s in TINY if not s.startswith("train.time_limit") for a in ("--set", s)]
+    assert compare_main(args) == 0
+    table = json.loads((out / "table.json").read_text())["rows"]
+    assert [e["row"] for e in table] == ["groupvit", "supervised"]
+    for e in table:
+        assert len(e["runs"]) == 2 and e["steps"] == [2]
+        assert 0.0 <= e["miou"] <= 1.0 and e["miou_std"] >= 0.0
+    # different seeds train on different data: the two groupvit runs differ
+    g = table[0]["runs"]
+    assert g[0]["iou"] != g[1]["iou"] or g[0]["miou"] != g[1]["miou"]
+    assert "| groupvit |" in (out / "table.md").read_text()
+    capsys.readouterr()
+    assert compare_main(args) == 0  # finished runs are kept, not retrained
+    assert capsys.readouterr().out.count(": kept") == 4
+    assert compare_main(["--rows", "nope", "--out", str(out)]) == 2

@@ -61,25 +61,56 @@ def init_linear_and_norm(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+STEMS = ("patch", "conv")
+
+
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches: ``Conv2d(kernel = stride = patch)`` then LayerNorm.
+    """Image -> patch tokens, then LayerNorm.
+
+    ``stem="patch"`` (GroupViT, ViT): non-overlapping patches, ``Conv2d(kernel = stride = patch)``.
+    ``stem="conv"`` (Xiao et al. 2021, "Early convolutions help transformers see better"): log2(p)
+    3x3 stride-2 convolutions with BatchNorm + ReLU (widths C/2^(n-1) .. C) and a 1x1 projection;
+    each token then sees a little past its own patch (receptive field 2p - 1 pixels). Needs a
+    power-of-2 patch size.
 
     ``forward(images [B, C_in, H, W]) -> (tokens [B, H/p * W/p, C], (H/p, W/p))``.
     """
 
     def __init__(
-        self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
         self.in_chans = in_chans
+        self.stem = stem
         for s, p, name in zip(self.img_size, self.patch_size, ("height", "width")):
             if s % p != 0:
                 raise ValueError(f"image {name} {s} is not divisible by the patch size {p}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        if stem == "patch":
+            self.proj: nn.Module = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        elif stem == "conv":
+            ph, pw = self.patch_size
+            if ph != pw or ph < 2 or ph & (ph - 1):
+                raise ValueError(f"stem='conv' needs a square power-of-2 patch size, got {ph}x{pw}")
+            n = ph.bit_length() - 1  # stride-2 convolutions
+            widths = [max(embed_dim >> (n - 1 - i), 8) for i in range(n)]
+            layers: list[nn.Module] = []
+            prev = in_chans
+            for w in widths:
+                layers += [nn.Conv2d(prev, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(True)]
+                prev = w
+            layers.append(nn.Conv2d(prev, embed_dim, 1))
+            self.proj = nn.Sequential(*layers)
+        else:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         self.norm = nn.LayerNorm(embed_dim)
 
     def grid_for(self, images: torch.Tensor) -> tuple[int, int]:
@@ -264,6 +295,8 @@ class GroupViTVisionEncoder(nn.Module):
         act: MLP activation (``"gelu"``).
         use_checkpoint: activation checkpointing of every block (``torch.utils.checkpoint``).
         attn_backend: ``"sdpa" | "xformers" | "auto"``; assign_impl: ``gumbel_assign`` backend.
+        stem: ``"patch"`` (GroupViT's linear patch embedding) or ``"conv"`` (a convolutional stem,
+            see :class:`PatchEmbed`).
     """
 
     def __init__(
@@ -291,6 +324,7 @@ class GroupViTVisionEncoder(nn.Module):
         use_checkpoint: bool = False,
         attn_backend: str = "sdpa",
         assign_impl: str = "auto",
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         depths, num_group_tokens, num_output_groups = list(depths), list(num_group_tokens), list(num_output_groups)
@@ -317,7 +351,7 @@ class GroupViTVisionEncoder(nn.Module):
         self.num_group_tokens = tuple(num_group_tokens)
         self.num_output_groups = tuple(num_output_groups)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, stem=stem)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
 

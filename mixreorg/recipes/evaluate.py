@@ -86,7 +86,11 @@ def evaluate_segmentation(
         bg_thresh = getattr(dataset, "BG_THRESH", None) if bg is not None else None
     if bg is not None and bg_thresh is None:
         raise ValueError(f"{type(dataset).__name__} has a background class: give bg_thresh")
-    text = class_embeddings(net, names, templates)
+    if getattr(net, "closed_vocabulary", False):
+        # a model trained with labels (the supervised upper bound): its class embeddings, no top-k
+        text, topk = net.classifier_embeddings(names).detach().float(), None
+    else:
+        text = class_embeddings(net, names, templates)
     k = len(names)
     cm = ConfusionMatrix(len(dataset.CLASS_NAMES), ignore_index=getattr(dataset, "IGNORE_INDEX", 255))
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -121,6 +125,7 @@ def evaluate_segmentation(
         "num_images": n,
         "topk": topk,
         "bg_thresh": bg_thresh,
+        "closed_vocabulary": bool(getattr(net, "closed_vocabulary", False)),
         "kept": kept,
     }
 
@@ -211,7 +216,9 @@ def evaluate_datasets(
             if kept:
                 res["overlay"] = str(save_overlays(kept, res["class_names"], out / f"{name}_overlay.png"))
         if verbose:
-            print(f"\nzero-shot segmentation, {name} ({res['num_images']} images, top-{topk} classes):")
+            restrict = f"top-{res['topk']} classes" if res["topk"] else "all classes"
+            what = "segmentation with learned classes" if res.get("closed_vocabulary") else "zero-shot segmentation"
+            print(f"\n{what}, {name} ({res['num_images']} images, {restrict}):")
             print(res["table"])
             if "chance" in res:
                 print(

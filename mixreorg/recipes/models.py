@@ -16,6 +16,10 @@ Registry (:data:`MODEL_BUILDERS`, extend with :func:`register_model`):
   the paper's parameter-matched baseline, Table 6).
 * ``mixreorg``: :class:`mixreorg.recipes.mixreorg_trainer.MixReorgPretrainer` (three branches,
   L_seg + the shared objective on the original and restored branches).
+* ``mixreorg_cm``, ``mixreorg_no_cm``, ``mixreorg_cm_seg``, ``mixreorg_cm_rc``: the Table 6 ablation
+  rows of :mod:`mixreorg.presets` (their switches over ``cfg.model.mixreorg``).
+* ``supervised``: :class:`mixreorg.recipes.supervised.SupervisedSegmenter` -- the same backbone
+  trained with SynthShapes' masks (the comparison table's upper bound).
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ __all__ = [
     "build_model",
     "build_groupvit",
     "build_objective",
+    "is_mixreorg_model",
     "no_weight_decay_names",
+    "table6_builder",
 ]
 
 
@@ -211,6 +217,57 @@ def _build_mixreorg(cfg: PretrainConfig) -> nn.Module:
 
 
 MODEL_BUILDERS["mixreorg"] = _build_mixreorg
+
+
+def table6_builder(preset: str) -> Callable[[PretrainConfig], nn.Module]:
+    """Builder of a Table 6 MixReorg row (:data:`mixreorg.presets.PRESETS`): the row's switches
+    (contextual mixing, L_seg / L_rc weights) over ``cfg.model.mixreorg`` (which keeps e.g. the group
+    size); every other part -- backbone, objective, pooling -- is the recipe's."""
+    from mixreorg.presets import PRESETS as TABLE6_PRESETS
+
+    p = TABLE6_PRESETS[preset]
+    if p.kind != "mixreorg":
+        raise ValueError(f"{preset!r} is not a MixReorg row")
+
+    def build(cfg: PretrainConfig) -> nn.Module:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.mixreorg = {
+            **dict(cfg.model.mixreorg),
+            **p.mixreorg,
+            "seg_weight": p.seg_weight,
+            "restored_weight": p.restored_weight,
+        }
+        return _build_mixreorg(cfg)
+
+    return build
+
+
+def _register_table6() -> None:
+    from mixreorg.presets import PRESETS as TABLE6_PRESETS
+
+    for name, p in TABLE6_PRESETS.items():
+        if p.kind == "mixreorg" and name != "mixreorg":
+            MODEL_BUILDERS[name] = table6_builder(name)
+
+
+_register_table6()
+
+
+def is_mixreorg_model(name: str) -> bool:
+    """Whether ``name`` builds a MixReorg trainer (``mixreorg`` or a Table 6 MixReorg row)."""
+    from mixreorg.presets import PRESETS as TABLE6_PRESETS
+
+    return name == "mixreorg" or (name in TABLE6_PRESETS and TABLE6_PRESETS[name].kind == "mixreorg")
+
+
+# The supervised upper bound (mixreorg/recipes/supervised.py): the same backbone trained with masks.
+def _build_supervised(cfg: PretrainConfig) -> nn.Module:
+    from .supervised import build_supervised_trainer
+
+    return build_supervised_trainer(cfg)
+
+
+MODEL_BUILDERS["supervised"] = _build_supervised
 
 
 def register_model(name: str, builder: Callable[[PretrainConfig], nn.Module]) -> None:

@@ -57,7 +57,7 @@ from mixreorg.checkpoint import (  # noqa: E402
     training_state,
 )
 from mixreorg.recipes.config import PRESETS, PretrainConfig, apply_overrides, get_preset  # noqa: E402
-from mixreorg.recipes.models import build_model, no_weight_decay_names  # noqa: E402
+from mixreorg.recipes.models import build_model, is_mixreorg_model, no_weight_decay_names  # noqa: E402
 from mixreorg.text import make_prompts, tokenize  # noqa: E402
 from mixreorg.text.nouns import extract_nouns  # noqa: E402
 
@@ -269,6 +269,8 @@ class BatchBuilder:
         if nouns is None:
             nouns = [extract_nouns(c, self.vocabulary) for c in captions]
         batch: dict[str, Any] = {"images": images, "text": _trim(self._tokens(captions, cache=False))}
+        if raw.get("mask") is not None and cfg.data.augment == "none":
+            batch["masks"] = raw["mask"]  # [B, H, W] (SynthShapes): the supervised upper bound's labels
         if cfg.objective.multi_label_weight > 0:
             rng = random.Random(f"{cfg.data.seed}/{step}/{self.rank}")
             k = cfg.data.num_prompts
@@ -666,7 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named configuration (default tiny)")
     p.add_argument("--config", help="a config.json to start from (instead of a preset)")
-    p.add_argument("--model", help="model name: groupvit | groupvit_plus | mixreorg (overrides model.name)")
+    p.add_argument(
+        "--model",
+        help="model name (overrides model.name): groupvit | groupvit_plus | mixreorg | the Table 6 rows "
+        "mixreorg_cm | mixreorg_no_cm | mixreorg_cm_seg | mixreorg_cm_rc | supervised (the upper bound)",
+    )
     p.add_argument("--data", help="data path (folder, CSV or shards; the source is inferred unless --source)")
     p.add_argument("--source", choices=["synthshapes", "folder", "csv", "webdataset"])
     p.add_argument("--out", help="run folder (train.out_dir)")
@@ -701,7 +707,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     cfg = PretrainConfig.load(args.config) if args.config else get_preset(args.preset)
     if args.model:
         cfg.model.name = args.model
-        if args.model == "mixreorg" and not cfg.model.mixreorg and cfg.preset.startswith("tiny"):
+        if is_mixreorg_model(args.model) and not cfg.model.mixreorg and cfg.preset.startswith("tiny"):
             cfg.model.mixreorg = get_preset("tiny_mixreorg").model.mixreorg
     if args.data:
         cfg.data.path = args.data

@@ -1,0 +1,146 @@
+"""The supervised upper bound: the same vision backbone trained with the ground-truth masks.
+
+``python -m mixreorg.recipes.pretrain --model supervised`` (SynthShapes, whose stream carries the
+masks) trains the recipe's GroupViT image encoder, its projection head and a learnable embedding
+per class ``[K, D]`` with a per-pixel cross-entropy, through the same path zero-shot inference uses:
+
+    logits[b, k, p] = scale * sum_s soft[b, s, p] * <seg_embed[b, s], class_embed[k]>
+
+(composed soft assignment maps, bilinearly resized to the mask). Everything else -- data, steps,
+optimiser, schedule, evaluation -- is the recipe's, so the row it gives in the comparison table is
+what the backbone reaches when told the answer at every pixel. Evaluation reads the class
+embeddings instead of text prompts (:meth:`SupervisedInference.classifier_embeddings`) and uses no
+image-level top-k restriction (nothing trains the image vector here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixreorg.nn.groupvit import GroupViT, assignment_to_image, compose_assignments
+
+__all__ = ["SupervisedSegmenter", "SupervisedInference", "build_supervised_trainer"]
+
+
+class SupervisedInference(nn.Module):
+    """GroupViT inference interface over the supervised model, closed-vocabulary.
+
+    ``classifier_embeddings(names)`` returns the learned class embeddings ``[K, D]`` for known class
+    names (ValueError naming the unknown ones); ``closed_vocabulary = True`` tells
+    :func:`mixreorg.recipes.evaluate.evaluate_segmentation` to use them and no top-k.
+    """
+
+    closed_vocabulary = True
+
+    def __init__(self, owner: SupervisedSegmenter) -> None:
+        super().__init__()
+        self.owner = owner
+
+    @property
+    def vision(self) -> nn.Module:
+        return self.owner.groupvit.vision
+
+    @property
+    def text(self) -> nn.Module:
+        return self.owner.groupvit.text
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.owner.logit_scale
+
+    def scale(self) -> torch.Tensor:
+        return self.owner.scale()
+
+    def encode_image(self, images: torch.Tensor, return_maps: bool = False) -> dict:
+        return self.owner.groupvit.encode_image(images, return_maps=return_maps)
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the supervised upper bound has no text encoder: use classifier_embeddings(names)")
+
+    def classifier_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
+        return self.owner.class_embeddings(class_names)
+
+
+class SupervisedSegmenter(nn.Module):
+    """The recipe's image encoder + a learned class embedding, trained with per-pixel labels.
+
+    Args:
+        groupvit: the backbone (its text tower is frozen and unused; kept so that checkpoints and
+            the vision weights have exactly the layout of the contrastive models).
+        class_names: the K classes (the order of the mask values).
+        ignore_index: mask value that is not scored.
+    """
+
+    def __init__(self, groupvit: GroupViT, class_names: Sequence[str], ignore_index: int = 255) -> None:
+        super().__init__()
+        if len(set(class_names)) != len(class_names) or not class_names:
+            raise ValueError(f"class_names must be distinct and non-empty, got {list(class_names)}")
+        self.groupvit = groupvit
+        self.groupvit.text.requires_grad_(False)
+        self.groupvit.text_proj.requires_grad_(False)
+        self.class_names = list(class_names)
+        self.ignore_index = ignore_index
+        self.class_embed = nn.Parameter(torch.randn(len(class_names), groupvit.proj_dim) * 0.02)  # [K, D]
+        self.logit_scale = nn.Parameter(groupvit.logit_scale.detach().clone())
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.groupvit.logit_scale_max)
+
+    def class_embeddings(self, class_names: Sequence[str] | None = None) -> torch.Tensor:
+        """Normalised class embeddings ``[K, D]`` in the order of ``class_names`` (default: all)."""
+        names = self.class_names if class_names is None else list(class_names)
+        unknown = [n for n in names if n not in self.class_names]
+        if unknown:
+            raise ValueError(f"the supervised model knows only {self.class_names}; unknown classes: {unknown}")
+        idx = torch.tensor([self.class_names.index(n) for n in names], device=self.class_embed.device)
+        return F.normalize(self.class_embed[idx], dim=-1)
+
+    def inference_model(self) -> nn.Module:
+        return SupervisedInference(self)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"groupvit.vision.{n}" for n in self.groupvit.vision.no_weight_decay()} | {"class_embed"}
+
+    def pixel_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``images [B, 3, H, W] -> logits [B, K, H, W]`` through the composed soft maps."""
+        out = self.groupvit.encode_image(images, return_maps=True)
+        assign = assignment_to_image(
+            compose_assignments(out["soft_maps"]), out["grid"], tuple(images.shape[-2:])
+        )  # [B, S, H, W]
+        group_logits = torch.einsum("bsd,kd->bks", out["seg_embed"], self.class_embeddings())  # [B, K, S]
+        return self.scale() * torch.einsum("bks,bshw->bkhw", group_logits, assign.to(group_logits.dtype))
+
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
+        masks = batch.get("masks")
+        if masks is None:
+            raise ValueError(
+                "the supervised upper bound needs per-pixel labels: batch['masks'] (the SynthShapes stream has them)"
+            )
+        logits = self.pixel_logits(batch["images"])  # [B, K, H, W]
+        masks = masks.to(logits.device).long()
+        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index)
+        with torch.no_grad():
+            valid = masks != self.ignore_index
+            acc = (logits.argmax(1) == masks)[valid].float().mean()
+        return {"loss": loss, "pixel_acc": float(acc), "scale": float(self.scale().detach())}
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.training_losses(batch)
+
+
+def build_supervised_trainer(cfg: Any) -> SupervisedSegmenter:
+    """``--model supervised``: the recipe's backbone (``cfg.model``) with SynthShapes' classes."""
+    from mixreorg.data.synthshapes import SynthShapes
+
+    from .models import build_groupvit
+
+    if cfg.data.source != "synthshapes":
+        raise ValueError(
+            f"--model supervised needs masks: only data.source=synthshapes has them, got {cfg.data.source!r}"
+        )
+    return SupervisedSegmenter(build_groupvit(cfg), SynthShapes.CLASS_NAMES)
