@@ -406,7 +406,8 @@ def test_table6_rows_by_name_follow_the_presets() -> None:
         assert m.model.config.group_size == cfg.model.mixreorg["group_size"]  # the recipe's other switches stay
 
 
-def test_supervised_upper_bound_learns_from_masks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("head", ["groups", "patches"])
+def test_supervised_upper_bound_learns_from_masks(tmp_path: Path, head: str) -> None:
     """``--model supervised``: the backbone + class embeddings fit a fixed batch's masks (the loss falls
     well below its start), and evaluation reads the class embeddings, not text prompts."""
     from mixreorg.data.segmentation import build_segmentation_dataset
@@ -415,6 +416,7 @@ def test_supervised_upper_bound_learns_from_masks(tmp_path: Path) -> None:
 
     cfg = tiny_config(tmp_path / "sup")
     cfg.model.name = "supervised"
+    cfg.model.supervised_head = head
     torch.manual_seed(0)
     model = build_model(cfg)
     raw = next(iter(SynthShapesStream(8, seed=0, image_size=32)))

@@ -91,6 +91,8 @@ class ModelConfig:
         :func:`mixreorg.recipes.models.assigned_pool`).
     mixreorg: arguments of the MixReorg encoder and its extra losses (:class:`MixReorgConfig` etc.).
     use_checkpoint: activation checkpointing of every transformer block.
+    supervised_head: ``--model supervised`` only: ``"groups"`` (through the grouping) or ``"patches"``
+        (per-patch classifier before the grouping); see :mod:`mixreorg.recipes.supervised`.
     """
 
     name: str = "groupvit"
@@ -103,6 +105,7 @@ class ModelConfig:
     image_pool: str = "mean"
     mixreorg: dict = field(default_factory=dict)
     use_checkpoint: bool = False
+    supervised_head: str = "groups"
 
 
 @dataclass
@@ -239,6 +242,8 @@ class PretrainConfig:
             problems.append(f"data.num_prompts must be >= 1, got {self.data.num_prompts}")
         if self.model.image_pool not in ("mean", "assigned"):
             problems.append(f"model.image_pool must be mean|assigned, got {self.model.image_pool!r}")
+        if self.model.supervised_head not in ("groups", "patches"):
+            problems.append(f"model.supervised_head must be groups|patches, got {self.model.supervised_head!r}")
         if self.objective.multi_label_pool not in ("image", "max_segment"):
             problems.append(
                 f"objective.multi_label_pool must be image|max_segment, got {self.objective.multi_label_pool!r}"

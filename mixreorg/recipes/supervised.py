@@ -57,7 +57,7 @@ class SupervisedInference(nn.Module):
         return self.owner.scale()
 
     def encode_image(self, images: torch.Tensor, return_maps: bool = False) -> dict:
-        return self.owner.groupvit.encode_image(images, return_maps=return_maps)
+        return self.owner.encode_image(images, return_maps=return_maps)
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         raise ValueError("the supervised upper bound has no text encoder: use classifier_embeddings(names)")
@@ -74,12 +74,20 @@ class SupervisedSegmenter(nn.Module):
             the vision weights have exactly the layout of the contrastive models).
         class_names: the K classes (the order of the mask values).
         ignore_index: mask value that is not scored.
+        head: ``"groups"`` (default: through the grouping, as zero-shot inference reads the model) or
+            ``"patches"`` (every patch token after the first stage's blocks, before any grouping, is its
+            own segment: a plain ViT trained with masks, to tell what the grouping bottleneck costs).
     """
 
-    def __init__(self, groupvit: GroupViT, class_names: Sequence[str], ignore_index: int = 255) -> None:
+    def __init__(
+        self, groupvit: GroupViT, class_names: Sequence[str], ignore_index: int = 255, head: str = "groups"
+    ) -> None:
         super().__init__()
         if len(set(class_names)) != len(class_names) or not class_names:
             raise ValueError(f"class_names must be distinct and non-empty, got {list(class_names)}")
+        if head not in ("groups", "patches"):
+            raise ValueError(f"head must be 'groups' or 'patches', got {head!r}")
+        self.head = head
         self.groupvit = groupvit
         self.groupvit.text.requires_grad_(False)
         self.groupvit.text_proj.requires_grad_(False)
@@ -87,6 +95,24 @@ class SupervisedSegmenter(nn.Module):
         self.ignore_index = ignore_index
         self.class_embed = nn.Parameter(torch.randn(len(class_names), groupvit.proj_dim) * 0.02)  # [K, D]
         self.logit_scale = nn.Parameter(groupvit.logit_scale.detach().clone())
+        if head == "patches":
+            self.patch_proj = nn.Linear(groupvit.vision.width, groupvit.proj_dim)
+
+    def encode_image(self, images: torch.Tensor, return_maps: bool = False) -> dict:
+        """The GroupViT ``encode_image`` dict; with ``head="patches"`` every patch is a segment
+        (``seg_embed [B, L, D]``, identity maps)."""
+        gv = self.groupvit
+        if self.head == "groups":
+            return gv.encode_image(images, return_maps=return_maps)
+        enc = gv.vision
+        grid = enc.patch_embed.grid_for(images)
+        x = enc.embed(images)  # [B, L, C]
+        x, _ = enc.stages[0].forward_blocks(x, enc.stages[0].init_group_tokens(x.shape[0]))
+        seg = F.normalize(self.patch_proj(enc.norm(x)), dim=-1)  # [B, L, D]
+        b, n, _ = seg.shape
+        eye = torch.eye(n, device=seg.device, dtype=seg.dtype).expand(b, n, n)  # [B, S=L, L]
+        return {"seg_embed": seg, "image_embed": F.normalize(seg.mean(1), dim=-1), "soft_maps": [eye],
+                "hard_maps": [eye], "grid": grid}
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.groupvit.logit_scale_max)
@@ -108,7 +134,7 @@ class SupervisedSegmenter(nn.Module):
 
     def pixel_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``images [B, 3, H, W] -> logits [B, K, H, W]`` through the composed soft maps."""
-        out = self.groupvit.encode_image(images, return_maps=True)
+        out = self.encode_image(images, return_maps=True)
         assign = assignment_to_image(
             compose_assignments(out["soft_maps"]), out["grid"], tuple(images.shape[-2:])
         )  # [B, S, H, W]
@@ -143,4 +169,4 @@ def build_supervised_trainer(cfg: Any) -> SupervisedSegmenter:
         raise ValueError(
             f"--model supervised needs masks: only data.source=synthshapes has them, got {cfg.data.source!r}"
         )
-    return SupervisedSegmenter(build_groupvit(cfg), SynthShapes.CLASS_NAMES)
+    return SupervisedSegmenter(build_groupvit(cfg), SynthShapes.CLASS_NAMES, head=cfg.model.supervised_head)
