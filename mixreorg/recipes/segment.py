@@ -1,0 +1,234 @@
+"""Segment your own images with any class names: a PNG overlay with a legend per image.
+
+    python -m mixreorg.recipes.segment photo.jpg more/ --model runs/tiny --classes "circle, star, grass, sky"
+    python -m mixreorg.recipes.segment cat.jpg --model groupvit/model.safetensors --classes "cat, sofa" \\
+        --bg-thresh 0.9 --short-side 448
+
+``--model`` takes a run folder or checkpoint of :mod:`mixreorg.recipes.pretrain` (the inference model of
+any trainer: GroupViT, GroupViT+, MixReorg), or imported GroupViT weights: a Hugging Face
+``model.safetensors`` / ``pytorch_model.bin`` (its ``config.json`` beside it is used when present) or
+an NVlabs state dict (:mod:`mixreorg.nn.weights`). Images are files or folders (jpg, jpeg, png,
+bmp, webp). Each image is resized so its short side is ``--short-side`` (default: the model's
+training size), segmented with GroupViT's zero-shot inference (:func:`mixreorg.zeroshot.segment`;
+``--bg-thresh`` adds a "background" class for pixels no name claims), and written as
+``OUT/<name>_seg.png`` (image | overlay with a legend of the classes found, largest first) and
+``OUT/<name>_labels.png`` (the label map: value i = the i-th class name; 0 = background with
+``--bg-thresh``). The class shares of every image are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "mixreorg.recipes"  # noqa: A001
+
+from mixreorg.zeroshot import check_class_names, class_embeddings, segment  # noqa: E402
+
+__all__ = ["IMAGE_SUFFIXES", "load_inference_model", "find_images", "parse_classes", "segment_files", "main"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def parse_classes(text: str) -> list[str]:
+    """``"cat, dog , sofa"`` -> ``["cat", "dog", "sofa"]`` (ValueError on empty or duplicated names)."""
+    names = [n.strip() for n in text.split(",")]
+    if not any(names):
+        raise ValueError("--classes is empty: give comma-separated class names, e.g. --classes 'cat, dog'")
+    empty = [i for i, n in enumerate(names) if not n]
+    if empty:
+        raise ValueError(f"--classes {text!r} has an empty name at position(s) {empty} (doubled or trailing comma?)")
+    return check_class_names(names)
+
+
+def find_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly or found (sorted, not recursively) in folders."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise ValueError(f"image path not found: {p}")
+    if not found:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {[str(p) for p in paths]}")
+    return found
+
+
+def _weights_format(keys: Sequence[str]) -> str:
+    if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
+        return "hf"
+    if any(k.startswith(("img_encoder.", "module.img_encoder.")) for k in keys):
+        return "nvlabs"
+    return "unknown"
+
+
+def load_inference_model(path: str | Path) -> tuple[nn.Module, int | None]:
+    """A GroupViT-interface model from a run folder / our checkpoint / HF or NVlabs weights, and the
+    image size it was trained at (None when unknown)."""
+    from mixreorg.nn.weights import load_hf_groupvit, load_nvlabs_groupvit
+
+    from .evaluate import _load, inference_model
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"--model {p}: no such file or folder")
+    if p.is_dir() and ((p / "checkpoints").is_dir() or any(p.glob("ckpt-*.pt"))):
+        model, cfg = _load(p)
+        return inference_model(model).eval(), cfg.data.image_size
+    if p.is_dir():  # a Hugging Face model folder
+        files = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()]
+        if not files:
+            raise ValueError(f"--model {p}: no checkpoints/, model.safetensors or pytorch_model.bin inside")
+        p = files[0]
+    if p.suffix == ".pt":
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and state.get("config"):
+            model, cfg = _load(p)
+            return inference_model(model).eval(), cfg.data.image_size
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(p))
+    else:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    keys = list(sd.get("model", sd).keys()) if isinstance(sd, dict) else []
+    fmt = _weights_format(keys)
+    if fmt == "hf":
+        cfg_file = p.parent / "config.json"
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        model = load_hf_groupvit(sd, config=config)
+    elif fmt == "nvlabs":
+        model = load_nvlabs_groupvit(sd)
+    else:
+        raise ValueError(
+            f"--model {p}: not a mixreorg checkpoint and neither Hugging Face (vision_model.*) nor NVlabs "
+            f"(img_encoder.*) GroupViT weights; first keys: {keys[:5]}"
+        )
+    size = model.vision.patch_embed.img_size[0]
+    return model.eval(), size
+
+
+def _load_image(path: Path, short_side: int, multiple: int) -> tuple[np.ndarray, torch.Tensor]:
+    from PIL import Image
+
+    from mixreorg.data.transforms import normalize, to_tensor
+
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as err:  # PIL raises several types for unreadable files
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    r = short_side / min(img.size)
+    w, h = max(multiple, round(img.width * r)), max(multiple, round(img.height * r))
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+    return np.asarray(img), normalize(to_tensor(img))
+
+
+@torch.no_grad()
+def segment_files(
+    model: nn.Module,
+    images: Sequence[Path],
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    short_side: int,
+    bg_thresh: float | None = None,
+    topk: int | None = None,
+    mode: str = "whole",
+    device: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """Segment each image file; write ``<stem>_seg.png`` and ``<stem>_labels.png`` in ``out_dir``.
+
+    Returns one dict per image: ``image``, ``overlay``, ``labels`` (paths) and ``shares``
+    (class name -> fraction of pixels, largest first)."""
+    from PIL import Image
+
+    from mixreorg.viz import overlay
+
+    names = check_class_names(list(class_names))
+    model = model.to(device)
+    if getattr(model, "closed_vocabulary", False):
+        text = model.classifier_embeddings(names).float()
+    else:
+        text = class_embeddings(model, names)
+    shown = (["background"] + names) if bg_thresh is not None else names
+    if len(shown) > 255:
+        raise ValueError(f"at most 255 classes fit the label PNG, got {len(shown)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    patch = int(getattr(getattr(model.vision, "patch_embed", None), "patch_size", (1,))[0])
+    results = []
+    used: set[str] = set()
+    for path in images:
+        rgb, x = _load_image(path, short_side, patch)
+        labels = segment(
+            model, x[None].to(device), text, bg_thresh=bg_thresh, topk=topk, mode=mode, return_labels=True,
+            crop_size=short_side, stride=max(1, short_side // 2),
+        )[0].cpu()  # [H, W]
+        stem = path.stem
+        while stem in used:  # two folders may hold the same file name
+            stem += "_"
+        used.add(stem)
+        zoom = max(1, 256 // min(rgb.shape[:2]))  # small images are drawn enlarged (nearest) to stay legible
+        over = overlay(rgb, labels, shown, alpha=0.55, scale=zoom)
+        shown_rgb = Image.fromarray(rgb).resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.Resampling.NEAREST)
+        canvas = Image.new("RGB", (shown_rgb.width + over.width, over.height), (255, 255, 255))
+        canvas.paste(shown_rgb, (0, 0))
+        canvas.paste(over, (shown_rgb.width, 0))
+        seg_png, lab_png = out / f"{stem}_seg.png", out / f"{stem}_labels.png"
+        canvas.save(seg_png)
+        Image.fromarray(labels.numpy().astype(np.uint8)).save(lab_png)
+        counts = torch.bincount(labels.flatten(), minlength=len(shown)).double()
+        shares = {shown[i]: float(c / counts.sum()) for i, c in enumerate(counts.tolist()) if c > 0}
+        shares = dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+        results.append({"image": str(path), "overlay": str(seg_png), "labels": str(lab_png), "shares": shares})
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mixreorg.recipes.segment", description=__doc__.split("\n\n")[0])
+    ap.add_argument("images", nargs="+", help="image files or folders")
+    ap.add_argument("--model", required=True, help="run folder, checkpoint, or HF / NVlabs GroupViT weights")
+    ap.add_argument("--classes", required=True, help="comma-separated class names, e.g. 'cat, dog, sofa'")
+    ap.add_argument("--out", default="segmented", help="output folder (default ./segmented)")
+    ap.add_argument("--short-side", type=int, help="resize short side to this (default: the model's training size)")
+    ap.add_argument("--bg-thresh", type=float, help="add a background class below this affinity (GroupViT: 0.9)")
+    ap.add_argument("--topk", type=int, default=0, help="image-level top-k class restriction (0: none)")
+    ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    try:
+        names = parse_classes(args.classes)
+        files = find_images(args.images)
+        model, size = load_inference_model(args.model)
+        short = args.short_side or size or 448
+        if short < 1:
+            raise ValueError(f"--short-side must be >= 1, got {short}")
+        if args.bg_thresh is not None and not 0.0 <= args.bg_thresh <= 1.0:
+            raise ValueError(f"--bg-thresh must be in [0, 1], got {args.bg_thresh}")
+        results = segment_files(
+            model, files, names, args.out, short_side=short, bg_thresh=args.bg_thresh,
+            topk=args.topk or None, mode=args.mode, device=args.device,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for r in results:
+        found = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["shares"].items())
+        print(f"{r['image']}: {found} -> {r['overlay']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""``python -m mixreorg.recipes.segment``: a user's images, any class names, overlays with legends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixreorg.nn import GroupViT
+from mixreorg.nn.weights import ours_to_hf
+from mixreorg.recipes.pretrain import main as pretrain_main
+from mixreorg.recipes.segment import find_images, load_inference_model, main, parse_classes
+from tests.test_pretrain import TINY
+
+
+def _images(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, (h, w) in {"wide.png": (40, 70), "tall.jpg": (50, 33)}.items():
+        p = folder / name
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    (folder / "notes.txt").write_text("not an image")
+    return paths
+
+
+def _check_outputs(out: Path, n_classes: int, stems: list[str]) -> None:
+    for stem in stems:
+        seg = Image.open(out / f"{stem}_seg.png")
+        labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
+        assert seg.width > labels.shape[1]  # image | overlay + legend
+        assert labels.max() < n_classes
+
+
+def test_segment_run_folder_with_any_class_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert pretrain_main(["--steps", "2", "--out", str(run), "--quiet", "--no-eval"]
+                         + [a for s in TINY for a in ("--set", s)]) == 0
+    _images(tmp_path / "imgs")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "imgs"), "--model", str(run), "--classes", "red balloon, dog,sofa", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("_seg.png") == 2 and "%" in printed
+    _check_outputs(out, 3, ["wide", "tall"])
+    # a background class: label 0 is "background"
+    assert main(args + ["--bg-thresh", "0.95", "--out", str(tmp_path / "bg")]) == 0
+    _check_outputs(tmp_path / "bg", 4, ["wide", "tall"])
+    # the label map has the image's size after resizing its short side to the training size (32)
+    assert np.asarray(Image.open(out / "wide_labels.png")).shape == (32, 56)
+
+
+def test_segment_imported_hf_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GroupViT(
+        vision=dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depths=(1, 1), num_group_tokens=(4, 0),
+                    num_output_groups=(4,)),
+        text=dict(context_length=16, width=32, layers=1, heads=2),
+        proj_dim=16, proj_hidden=32,
+    )  # fmt: skip
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ours_to_hf(model).items()}, str(tmp_path / "model.safetensors"))
+    loaded, size = load_inference_model(tmp_path)
+    assert size == 32 and isinstance(loaded, GroupViT)
+    paths = _images(tmp_path / "imgs")
+    assert main([str(paths[0]), "--model", str(tmp_path), "--classes", "cat, dog", "--out", str(tmp_path / "o"),
+                 "--short-side", "24"]) == 0  # fmt: skip
+    assert np.asarray(Image.open(tmp_path / "o" / "wide_labels.png")).shape == (24, 42)
+
+
+def test_segment_bad_input_names_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="empty name"):
+        parse_classes("cat,,dog")
+    with pytest.raises(ValueError, match="duplicated"):
+        parse_classes("cat, Cat")
+    with pytest.raises(ValueError, match="not found"):
+        find_images([tmp_path / "missing.png"])
+    with pytest.raises(ValueError, match="no images"):
+        find_images([tmp_path])
+    (tmp_path / "junk.pt").write_bytes(b"")
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="neither Hugging Face"):
+        load_inference_model(tmp_path / "junk.pt")
+    assert main([str(tmp_path / "x.png"), "--model", str(tmp_path / "junk.pt"), "--classes", "a"]) == 2
+    assert "image path not found" in capsys.readouterr().err
