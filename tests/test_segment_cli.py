@@ -71,6 +71,11 @@ def test_segment_imported_hf_weights(tmp_path: Path) -> None:
     assert main([str(paths[0]), "--model", str(tmp_path), "--classes", "cat, dog", "--out", str(tmp_path / "o"),
                  "--short-side", "24"]) == 0  # fmt: skip
     assert np.asarray(Image.open(tmp_path / "o" / "wide_labels.png")).shape == (24, 42)
+    # the evaluate CLI takes imported weights too (SynthShapes at the model's size here)
+    from mixreorg.recipes.evaluate import main as eval_main
+
+    assert eval_main([str(tmp_path / "model.safetensors"), "--size", "4", "--overlays", "2"]) == 0
+    assert (tmp_path / "eval" / "synthshapes_overlay.png").is_file()
 
 
 def test_segment_bad_input_names_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

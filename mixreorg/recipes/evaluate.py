@@ -258,7 +258,9 @@ def _load(path: str | Path) -> tuple[nn.Module, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mixreorg.recipes.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("run", help="a run folder (newest checkpoint) or a checkpoint file")
+    ap.add_argument(
+        "run", help="a run folder (newest checkpoint), a checkpoint file, or Hugging Face / NVlabs GroupViT weights"
+    )
     ap.add_argument("--dataset", action="append", help="synthshapes | voc | context | coco_object | ade20k")
     ap.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="dataset root, e.g. voc=/data/VOC")
     ap.add_argument("--size", type=int, help="SynthShapes eval images (default: the run's eval.size)")
@@ -268,7 +270,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", help="output folder (default <run>/eval)")
     args = ap.parse_args(argv)
     try:
-        model, cfg = _load(args.run)
+        from mixreorg.recipes.config import PretrainConfig
+
+        from .segment import load_inference_model
+
+        model, size, cfg = load_inference_model(args.run, with_config=True)
+        if cfg is None:  # imported weights: the default eval settings, SynthShapes at the model's size
+            cfg = PretrainConfig()
+            cfg.data.image_size = size or cfg.data.image_size
         if args.dataset:
             cfg.eval.datasets = args.dataset
         for r in args.root:
@@ -281,7 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.overlays is not None:
             cfg.eval.overlays = args.overlays
         run = Path(args.run)
-        out = Path(args.out) if args.out else (run if run.is_dir() else run.parent.parent) / "eval"
+        if args.out:
+            out = Path(args.out)
+        elif run.is_dir():
+            out = run / "eval"
+        else:  # runs/x/checkpoints/ckpt.pt -> runs/x/eval; imported weights -> beside the file
+            out = (run.parent.parent if run.parent.name == "checkpoints" else run.parent) / "eval"
         evaluate_datasets(model, cfg, out_dir=out, topk=args.topk or None, mode=args.mode)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

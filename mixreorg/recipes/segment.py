@@ -74,9 +74,10 @@ def _weights_format(keys: Sequence[str]) -> str:
     return "unknown"
 
 
-def load_inference_model(path: str | Path) -> tuple[nn.Module, int | None]:
+def load_inference_model(path: str | Path, with_config: bool = False) -> tuple:
     """A GroupViT-interface model from a run folder / our checkpoint / HF or NVlabs weights, and the
-    image size it was trained at (None when unknown)."""
+    image size it was trained at (None when unknown); ``with_config`` adds the run's
+    :class:`PretrainConfig` (None for imported weights)."""
     from mixreorg.nn.weights import load_hf_groupvit, load_nvlabs_groupvit
 
     from .evaluate import _load, inference_model
@@ -86,7 +87,8 @@ def load_inference_model(path: str | Path) -> tuple[nn.Module, int | None]:
         raise ValueError(f"--model {p}: no such file or folder")
     if p.is_dir() and ((p / "checkpoints").is_dir() or any(p.glob("ckpt-*.pt"))):
         model, cfg = _load(p)
-        return inference_model(model).eval(), cfg.data.image_size
+        res = (inference_model(model).eval(), cfg.data.image_size)
+        return (*res, cfg) if with_config else res
     if p.is_dir():  # a Hugging Face model folder
         files = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()]
         if not files:
@@ -96,7 +98,8 @@ def load_inference_model(path: str | Path) -> tuple[nn.Module, int | None]:
         state = torch.load(p, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and state.get("config"):
             model, cfg = _load(p)
-            return inference_model(model).eval(), cfg.data.image_size
+            res = (inference_model(model).eval(), cfg.data.image_size)
+            return (*res, cfg) if with_config else res
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -117,7 +120,7 @@ def load_inference_model(path: str | Path) -> tuple[nn.Module, int | None]:
             f"(img_encoder.*) GroupViT weights; first keys: {keys[:5]}"
         )
     size = model.vision.patch_embed.img_size[0]
-    return model.eval(), size
+    return (model.eval(), size, None) if with_config else (model.eval(), size)
 
 
 def _load_image(path: Path, short_side: int, multiple: int) -> tuple[np.ndarray, torch.Tensor]:
