@@ -30,6 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "mixreorg.recipes"  # noqa: A001
+
 __all__ = ["ROWS", "run_command", "collect", "format_table", "main"]
 
 ROWS = (
