@@ -431,6 +431,8 @@ def test_supervised_upper_bound_learns_from_masks(tmp_path: Path, head: str) -> 
         losses.append(float(out["loss"].detach()))
     assert losses[-1] < 0.6 * losses[0]
     assert all(p.grad is None for p in model.groupvit.text.parameters())  # the text tower is not trained
+    # every trainable parameter gets a gradient (DDP-safe), whichever head
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="masks"):
         model.training_losses({"images": raw["image"]})
     with pytest.raises(ValueError, match="unknown classes"):

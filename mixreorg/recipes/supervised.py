@@ -89,14 +89,26 @@ class SupervisedSegmenter(nn.Module):
             raise ValueError(f"head must be 'groups' or 'patches', got {head!r}")
         self.head = head
         self.groupvit = groupvit
+        # the text side and the contrastive temperatures are not used (kept for the checkpoint layout)
         self.groupvit.text.requires_grad_(False)
         self.groupvit.text_proj.requires_grad_(False)
+        self.groupvit.logit_scale.requires_grad_(False)
+        if self.groupvit.multi_label_logit_scale is not None:
+            self.groupvit.multi_label_logit_scale.requires_grad_(False)
         self.class_names = list(class_names)
         self.ignore_index = ignore_index
         self.class_embed = nn.Parameter(torch.randn(len(class_names), groupvit.proj_dim) * 0.02)  # [K, D]
         self.logit_scale = nn.Parameter(groupvit.logit_scale.detach().clone())
         if head == "patches":
             self.patch_proj = nn.Linear(groupvit.vision.width, groupvit.proj_dim)
+            # only what the patch path uses is trained (DDP needs every trainable parameter used)
+            enc = groupvit.vision
+            groupvit.requires_grad_(False)
+            for m in (enc.patch_embed, enc.stages[0].blocks, enc.norm):
+                m.requires_grad_(True)
+            enc.pos_embed.requires_grad_(True)
+            if enc.stages[0].group_token is not None:
+                enc.stages[0].group_token.requires_grad_(True)
 
     def encode_image(self, images: torch.Tensor, return_maps: bool = False) -> dict:
         """The GroupViT ``encode_image`` dict; with ``head="patches"`` every patch is a segment
@@ -168,5 +180,10 @@ def build_supervised_trainer(cfg: Any) -> SupervisedSegmenter:
     if cfg.data.source != "synthshapes":
         raise ValueError(
             f"--model supervised needs masks: only data.source=synthshapes has them, got {cfg.data.source!r}"
+        )
+    if cfg.data.augment != "none":
+        raise ValueError(
+            f"--model supervised needs data.augment=none (the augmentation does not transform the masks), "
+            f"got {cfg.data.augment!r}"
         )
     return SupervisedSegmenter(build_groupvit(cfg), SynthShapes.CLASS_NAMES, head=cfg.model.supervised_head)
