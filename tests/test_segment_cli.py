@@ -93,3 +93,43 @@ def test_segment_bad_input_names_the_problem(tmp_path: Path, capsys: pytest.Capt
         load_inference_model(tmp_path / "junk.pt")
     assert main([str(tmp_path / "x.png"), "--model", str(tmp_path / "junk.pt"), "--classes", "a"]) == 2
     assert "image path not found" in capsys.readouterr().err
+
+
+def test_evaluate_multiscale_and_imagefolder_classification(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mixreorg.data.segmentation import ImageFolderClassification, build_segmentation_dataset
+    from mixreorg.recipes.evaluate import evaluate_classification, evaluate_segmentation
+    from mixreorg.recipes.evaluate import main as eval_main
+
+    torch.manual_seed(0)
+    model = GroupViT(
+        vision=dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depths=(1, 1), num_group_tokens=(4, 0),
+                    num_output_groups=(4,)),
+        text=dict(context_length=16, width=32, layers=1, heads=2),
+        proj_dim=16, proj_hidden=32,
+    ).eval()  # fmt: skip
+    ds = build_segmentation_dataset("synthshapes", size=4, image_size=32)
+    one = evaluate_segmentation(model, ds, batch_size=4)
+    same = evaluate_segmentation(model, ds, batch_size=4, scales=(1.0, 1.0))  # averaging equal logits
+    np.testing.assert_array_equal(one["iou"], same["iou"])  # NaN (absent class) == NaN here
+    multi = evaluate_segmentation(model, ds, batch_size=4, scales=(0.5, 1.0, 1.5))
+    assert multi["scales"] == [0.5, 1.0, 1.5] and 0.0 <= multi["miou"] <= 1.0
+    with pytest.raises(ValueError, match="positive"):
+        evaluate_segmentation(model, ds, scales=(0.0,))
+    # ImageFolder: root/<class>/<image>
+    rng = np.random.default_rng(0)
+    for cls in ("red_square", "blue_circle"):
+        (tmp_path / "cls" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "cls" / cls / f"{i}.png")
+    folder = ImageFolderClassification(tmp_path / "cls", image_size=32)
+    res = evaluate_classification(model, folder, batch_size=4)
+    assert res["num_images"] == 6 and res["class_names"] == ["blue circle", "red square"]
+    assert res["top5"] == 1.0 and 0.0 <= res["top1"] <= 1.0 and set(res["per_class"]) == set(res["class_names"])
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ours_to_hf(model).items()}, str(tmp_path / "model.safetensors"))
+    assert eval_main([str(tmp_path / "model.safetensors"), "--size", "4", "--scales", "0.75", "1",
+                      "--classify", str(tmp_path / "cls")]) == 0  # fmt: skip
+    assert "zero-shot classification" in capsys.readouterr().out
+    saved = __import__("json").loads((tmp_path / "eval" / "classification.json").read_text())
+    assert saved["num_images"] == 6

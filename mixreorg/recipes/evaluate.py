@@ -31,10 +31,17 @@ if __package__ in (None, ""):
     __package__ = "mixreorg.recipes"  # noqa: A001
 
 from mixreorg.metrics import ConfusionMatrix, format_iou_table  # noqa: E402
-from mixreorg.text.prompts import SEGMENTATION_TEMPLATES  # noqa: E402
+from mixreorg.text.prompts import IMAGENET_TEMPLATES, SEGMENTATION_TEMPLATES  # noqa: E402
 from mixreorg.zeroshot import class_embeddings, segment  # noqa: E402
 
-__all__ = ["inference_model", "evaluate_segmentation", "evaluate_datasets", "save_overlays", "main"]
+__all__ = [
+    "inference_model",
+    "evaluate_segmentation",
+    "evaluate_classification",
+    "evaluate_datasets",
+    "save_overlays",
+    "main",
+]
 
 #: GroupViT's image-level class restriction (top-5); used everywhere unless overridden.
 DEFAULT_TOPK = 5
@@ -70,8 +77,12 @@ def evaluate_segmentation(
     device: torch.device | str | None = None,
     limit: int | None = None,
     keep: int = 0,
+    scales: Sequence[float] = (1.0,),
 ) -> dict[str, Any]:
     """Zero-shot segmentation of ``dataset`` -> ``dict(miou, iou, accuracy, class_names, table, kept)``.
+
+    ``scales``: multi-scale inference -- the images are resized by each factor, segmented, and the
+    logits (resized back) averaged; ``(1.0,)`` is single-scale.
 
     ``dataset`` has the segmentation-dataset interface of :mod:`mixreorg.data.segmentation`
     (items ``image [3, H, W]`` normalised, ``mask [H, W]``; ``CLASS_NAMES``, ``IGNORE_INDEX``,
@@ -92,6 +103,9 @@ def evaluate_segmentation(
     else:
         text = class_embeddings(net, names, templates)
     k = len(names)
+    scales = [float(f) for f in scales]
+    if not scales or any(f <= 0 for f in scales):
+        raise ValueError(f"scales must be positive factors, got {scales}")
     cm = ConfusionMatrix(len(dataset.CLASS_NAMES), ignore_index=getattr(dataset, "IGNORE_INDEX", 255))
     n = len(dataset) if limit is None else min(limit, len(dataset))
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -106,7 +120,17 @@ def evaluate_segmentation(
             groups.setdefault(tuple(it["image"].shape[-2:]), []).append(it)
         for group in groups.values():
             images = torch.stack([it["image"] for it in group]).to(device)
-            logits = segment(net, images, text, bg_thresh=bg_thresh, topk=topk if (topk or 0) < k else None, mode=mode)
+            restrict = topk if (topk or 0) < k else None
+            logits = 0.0
+            for f in scales:
+                x = images
+                if f != 1.0:
+                    size = (max(1, round(images.shape[-2] * f)), max(1, round(images.shape[-1] * f)))
+                    x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+                lg = segment(net, x, text, bg_thresh=bg_thresh, topk=restrict, mode=mode)
+                if tuple(lg.shape[-2:]) != tuple(images.shape[-2:]):
+                    lg = F.interpolate(lg, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+                logits = logits + lg / len(scales)
             for it, lg in zip(group, logits):
                 mask = it["mask"].long()
                 if tuple(lg.shape[-2:]) != tuple(mask.shape):
@@ -125,8 +149,58 @@ def evaluate_segmentation(
         "num_images": n,
         "topk": topk,
         "bg_thresh": bg_thresh,
+        "scales": scales,
         "closed_vocabulary": bool(getattr(net, "closed_vocabulary", False)),
         "kept": kept,
+    }
+
+
+@torch.no_grad()
+def evaluate_classification(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int = 64,
+    templates: Sequence[str] = IMAGENET_TEMPLATES,
+    device: torch.device | str | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Zero-shot classification of an ImageFolder-style ``dataset`` (items ``image``, ``label``;
+    ``class_names``) -> ``dict(top1, top5, per_class, num_images, class_names)``; the class embeddings
+    average ``templates`` (default: CLIP's 80 ImageNet prompts)."""
+    from mixreorg.metrics import topk_accuracy
+    from mixreorg.zeroshot import classify
+
+    net = inference_model(model)
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    names = list(dataset.class_names)
+    if getattr(net, "closed_vocabulary", False):
+        text = net.classifier_embeddings(names).detach().float()
+    else:
+        text = class_embeddings(net, names, templates)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    correct1, correct5, seen = 0.0, 0.0, 0
+    per_class = torch.zeros(len(names), 2)  # [correct, total]
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        labels = torch.tensor([int(it["label"]) for it in items])
+        logits = classify(net, images, text).cpu()
+        acc = topk_accuracy(logits, labels, ks=(1, min(5, len(names))))
+        correct1 += acc[1] * len(items)
+        correct5 += acc[min(5, len(names))] * len(items)
+        seen += len(items)
+        hit = logits.argmax(-1) == labels
+        per_class.index_put_((labels, torch.zeros_like(labels)), hit.float(), accumulate=True)
+        per_class.index_put_((labels, torch.ones_like(labels)), torch.ones(len(items)), accumulate=True)
+    if seen == 0:
+        raise ValueError("the classification dataset is empty")
+    return {
+        "top1": correct1 / seen,
+        "top5": correct5 / seen,
+        "per_class": {nm: (float(c / t) if t else None) for nm, (c, t) in zip(names, per_class.tolist())},
+        "num_images": seen,
+        "class_names": names,
     }
 
 
@@ -186,8 +260,10 @@ def evaluate_datasets(
     verbose: bool = True,
     topk: int | None = DEFAULT_TOPK,
     mode: str | None = None,
+    scales: Sequence[float] = (1.0,),
 ) -> dict[str, Any]:
-    """Evaluate on every dataset of ``cfg.eval.datasets``; with ``out_dir``: write ``<name>_miou.md``,
+    """Evaluate on every dataset of ``cfg.eval.datasets`` (``scales``: multi-scale factors); with
+    ``out_dir``: write ``<name>_miou.md``,
     ``<name>_overlay.png`` and ``results.json`` there. Returns ``{name: {miou, iou, ...}}``."""
     results: dict[str, Any] = {}
     names = list(cfg.eval.datasets) if cfg is not None else ["synthshapes"]
@@ -199,7 +275,8 @@ def evaluate_datasets(
         keep = cfg.eval.overlays if (cfg is not None and out_dir is not None) else 0
         bs = cfg.eval.batch_size if cfg is not None else 64
         res = evaluate_segmentation(
-            model, ds, batch_size=bs if m == "whole" else 1, topk=topk, mode=m, device=device, keep=keep
+            model, ds, batch_size=bs if m == "whole" else 1, topk=topk, mode=m, device=device, keep=keep,
+            scales=scales,
         )
         kept = res.pop("kept")
         if name == "synthshapes":
@@ -268,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["whole", "slide"], help="inference mode (default whole for SynthShapes)")
     ap.add_argument("--overlays", type=int, help="images drawn in the overlay PNG")
     ap.add_argument("--out", help="output folder (default <run>/eval)")
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale factors, e.g. 0.75 1 1.25")
+    ap.add_argument("--classify", metavar="ROOT", help="also zero-shot classification of an ImageFolder root/<class>/")
+    ap.add_argument("--image-size", type=int, help="classification input size (default: the model's)")
     args = ap.parse_args(argv)
     try:
         from mixreorg.recipes.config import PretrainConfig
@@ -296,7 +376,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = run / "eval"
         else:  # runs/x/checkpoints/ckpt.pt -> runs/x/eval; imported weights -> beside the file
             out = (run.parent.parent if run.parent.name == "checkpoints" else run.parent) / "eval"
-        evaluate_datasets(model, cfg, out_dir=out, topk=args.topk or None, mode=args.mode)
+        evaluate_datasets(model, cfg, out_dir=out, topk=args.topk or None, mode=args.mode, scales=args.scales)
+        if args.classify:
+            from mixreorg.data.segmentation import ImageFolderClassification
+
+            ds = ImageFolderClassification(args.classify, image_size=args.image_size or size or 224)
+            res = evaluate_classification(model, ds, batch_size=cfg.eval.batch_size)
+            print(
+                f"\nzero-shot classification, {args.classify} ({res['num_images']} images, "
+                f"{len(res['class_names'])} classes): top-1 {100 * res['top1']:.1f}%, top-5 {100 * res['top5']:.1f}%"
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "classification.json").write_text(json.dumps(res, indent=2) + "\n")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
