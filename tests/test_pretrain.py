@@ -462,3 +462,9 @@ def test_compare_runs_rows_and_seeds_and_keeps_finished_runs(tmp_path: Path, cap
     assert compare_main(args) == 0  # finished runs are kept, not retrained
     assert capsys.readouterr().out.count(": kept") == 4
     assert compare_main(["--rows", "nope", "--out", str(out)]) == 2
+    # a failing run is reported with its log, the others still run
+    sets = [a for s in TINY if not s.startswith("train.time_limit") for a in ("--set", s)]
+    bad = ["--rows", "groupvit", "--seeds", "5", "--steps", "2", "--out", str(tmp_path / "bad")] + sets
+    bad += ["--set", "model.vision.num_heads=3"]  # 32 is not divisible by 3: the run exits with an error
+    assert compare_main(bad) == 1
+    assert "failed" in capsys.readouterr().err

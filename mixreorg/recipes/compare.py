@@ -183,13 +183,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    failed = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(_run_one, r, s, out, args.steps, args.threads, args.set) for r, s in jobs]
-        for f in futures:
-            res = f.result()
+        for (row, seed), f in zip(jobs, futures):
+            try:
+                res = f.result()
+            except RuntimeError as err:  # one failed run does not stop the others; reported at the end
+                failed.append(str(err))
+                print(f"{row} seed {seed}: FAILED", flush=True)
+                continue
             state = "kept" if res["skipped"] else f"{res['wall_s']:.0f} s"
             print(f"{res['row']} seed {res['seed']}: {state}", flush=True)
     wall = time.perf_counter() - t0
+    if failed:
+        print("error: " + "\n  ".join([f"{len(failed)} run(s) failed (finished runs are kept):"] + failed),
+              file=sys.stderr)
+        return 1
     table = collect(out, args.rows, args.seeds)
     text = format_table(table, len(args.seeds))
     cmd = "python -m mixreorg.recipes.compare " + " ".join(argv if argv is not None else sys.argv[1:])
