@@ -50,6 +50,12 @@ def test_segment_run_folder_with_any_class_names(tmp_path: Path, capsys: pytest.
     # a background class: label 0 is "background"
     assert main(args + ["--bg-thresh", "0.95", "--out", str(tmp_path / "bg")]) == 0
     _check_outputs(tmp_path / "bg", 4, ["wide", "tall"])
+    # a checkpoint file of the run loads as well as its folder
+    from mixreorg.checkpoint import CheckpointManager
+
+    ckpt = CheckpointManager(run / "checkpoints").latest()
+    _, size, cfg = load_inference_model(ckpt, with_config=True)
+    assert size == 32 and cfg.model.name == "groupvit"
     # the label map has the image's size after resizing its short side to the training size (32)
     assert np.asarray(Image.open(out / "wide_labels.png")).shape == (32, 56)
 
@@ -91,6 +97,9 @@ def test_segment_bad_input_names_the_problem(tmp_path: Path, capsys: pytest.Capt
     torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="neither Hugging Face"):
         load_inference_model(tmp_path / "junk.pt")
+    (tmp_path / "broken.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_inference_model(tmp_path / "broken.bin")
     assert main([str(tmp_path / "x.png"), "--model", str(tmp_path / "junk.pt"), "--classes", "a"]) == 2
     assert "image path not found" in capsys.readouterr().err
 

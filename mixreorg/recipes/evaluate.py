@@ -311,7 +311,7 @@ def evaluate_datasets(
     return results
 
 
-def _load(path: str | Path) -> tuple[nn.Module, Any]:
+def _load(path: str | Path, state: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
     from mixreorg.checkpoint import CheckpointManager, load_checkpoint, load_model_state
     from mixreorg.recipes.config import config_from_dict
     from mixreorg.recipes.models import build_model
@@ -324,7 +324,8 @@ def _load(path: str | Path) -> tuple[nn.Module, Any]:
         if ckpt is None:
             raise ValueError(f"no checkpoint found under {p}")
         p = ckpt
-    state = load_checkpoint(p)
+    if state is None:
+        state = load_checkpoint(p)
     if not state.get("config"):
         raise ValueError(f"checkpoint {p} carries no config; cannot rebuild the model")
     cfg = config_from_dict(state["config"])

@@ -94,18 +94,19 @@ def load_inference_model(path: str | Path, with_config: bool = False) -> tuple:
         if not files:
             raise ValueError(f"--model {p}: no checkpoints/, model.safetensors or pytorch_model.bin inside")
         p = files[0]
-    if p.suffix == ".pt":
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and state.get("config"):
-            model, cfg = _load(p)
-            res = (inference_model(model).eval(), cfg.data.image_size)
-            return (*res, cfg) if with_config else res
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd: Any = load_file(str(p))
-    else:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
+            sd: Any = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch / safetensors raise several types for unreadable files
+        raise ValueError(f"--model {p}: cannot read it as weights ({type(err).__name__}: {err})") from err
+    if isinstance(sd, dict) and sd.get("config") and "model" in sd:  # one of our checkpoints
+        model, cfg = _load(p, state=sd)
+        res = (inference_model(model).eval(), cfg.data.image_size)
+        return (*res, cfg) if with_config else res
     keys = list(sd.get("model", sd).keys()) if isinstance(sd, dict) else []
     fmt = _weights_format(keys)
     if fmt == "hf":
