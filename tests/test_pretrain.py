@@ -468,3 +468,19 @@ def test_compare_runs_rows_and_seeds_and_keeps_finished_runs(tmp_path: Path, cap
     bad += ["--set", "model.vision.num_heads=3"]  # 32 is not divisible by 3: the run exits with an error
     assert compare_main(bad) == 1
     assert "failed" in capsys.readouterr().err
+
+
+def test_resume_a_checkpoint_written_before_a_config_key_existed(tmp_path: Path) -> None:
+    """Keys added to the config later take their defaults when an older run resumes; a real change
+    of a setting is still refused."""
+    cfg = tiny_config(tmp_path / "old", 4, **{"train.save_every": 0})
+    assert train(cfg, stop_after=2, evaluate_at_end=False, quiet=True)["step"] == 2
+    path = CheckpointManager(tmp_path / "old" / "checkpoints").latest()
+    state = load_checkpoint(path)
+    del state["config"]["model"]["supervised_head"]  # as written by a version without that key
+    torch.save(state, path)
+    again = tiny_config(tmp_path / "old", 4, **{"train.save_every": 0})
+    assert train(again, resume=True, evaluate_at_end=False, quiet=True)["step"] == 4
+    changed = tiny_config(tmp_path / "old", 6, **{"train.save_every": 0, "optim.lr": 1e-4})
+    with pytest.raises(ValueError, match="optim.lr"):
+        train(changed, resume=True, evaluate_at_end=False, quiet=True)

@@ -52,11 +52,18 @@ if __package__ in (None, ""):  # run as a file: python mixreorg/recipes/pretrain
 from mixreorg.checkpoint import (  # noqa: E402
     CheckpointManager,
     capture_rng_state,
+    load_checkpoint,
     restore_rng_state,
     restore_training_state,
     training_state,
 )
-from mixreorg.recipes.config import PRESETS, PretrainConfig, apply_overrides, get_preset  # noqa: E402
+from mixreorg.recipes.config import (  # noqa: E402
+    PRESETS,
+    PretrainConfig,
+    apply_overrides,
+    config_from_dict,
+    get_preset,
+)
 from mixreorg.recipes.models import build_model, is_mixreorg_model, no_weight_decay_names  # noqa: E402
 from mixreorg.text import make_prompts, tokenize  # noqa: E402
 from mixreorg.text.nouns import extract_nouns  # noqa: E402
@@ -471,8 +478,13 @@ def train(
     elif manager.latest() is not None:
         raise ValueError(f"{manager.directory} already holds checkpoints; resume, or choose another train.out_dir")
     if ckpt_path is not None:
+        saved = load_checkpoint(ckpt_path)
+        if saved.get("config") is not None:
+            # through the dataclasses: keys added to the config since the checkpoint take their
+            # defaults (an older run resumes), unknown keys raise a ValueError naming them
+            saved = {**saved, "config": config_from_dict(saved["config"]).to_dict()}
         info = restore_training_state(
-            ckpt_path,
+            saved,
             model,
             optimizer,
             schedule,
