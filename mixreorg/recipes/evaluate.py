@@ -39,6 +39,8 @@ __all__ = [
     "evaluate_segmentation",
     "evaluate_classification",
     "evaluate_datasets",
+    "load_inference_model",
+    "vocabulary_embeddings",
     "save_overlays",
     "main",
 ]
@@ -62,6 +64,16 @@ def _prompt_names(dataset: Any) -> tuple[list[str], int | None]:
     if bg != 0:
         raise ValueError(f"{type(dataset).__name__}: only background index 0 is supported, got {bg}")
     return names[1:], 0
+
+
+def vocabulary_embeddings(
+    net: nn.Module, names: Sequence[str], templates: Sequence[str] = SEGMENTATION_TEMPLATES
+) -> torch.Tensor:
+    """``[K, D]`` class embeddings: prompted text for open-vocabulary models, the learned class
+    embeddings of a ``closed_vocabulary`` model (the supervised upper bound)."""
+    if getattr(net, "closed_vocabulary", False):
+        return net.classifier_embeddings(names).detach().float()
+    return class_embeddings(net, names, templates)
 
 
 @torch.no_grad()
@@ -97,11 +109,9 @@ def evaluate_segmentation(
         bg_thresh = getattr(dataset, "BG_THRESH", None) if bg is not None else None
     if bg is not None and bg_thresh is None:
         raise ValueError(f"{type(dataset).__name__} has a background class: give bg_thresh")
+    text = vocabulary_embeddings(net, names, templates)
     if getattr(net, "closed_vocabulary", False):
-        # a model trained with labels (the supervised upper bound): its class embeddings, no top-k
-        text, topk = net.classifier_embeddings(names).detach().float(), None
-    else:
-        text = class_embeddings(net, names, templates)
+        topk = None  # nothing trains a closed-vocabulary model's image vector: no image-level top-k
     k = len(names)
     scales = [float(f) for f in scales]
     if not scales or any(f <= 0 for f in scales):
@@ -121,7 +131,7 @@ def evaluate_segmentation(
         for group in groups.values():
             images = torch.stack([it["image"] for it in group]).to(device)
             restrict = topk if (topk or 0) < k else None
-            logits = 0.0
+            per_scale = []
             for f in scales:
                 x = images
                 if f != 1.0:
@@ -130,7 +140,8 @@ def evaluate_segmentation(
                 lg = segment(net, x, text, bg_thresh=bg_thresh, topk=restrict, mode=mode)
                 if tuple(lg.shape[-2:]) != tuple(images.shape[-2:]):
                     lg = F.interpolate(lg, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-                logits = logits + lg / len(scales)
+                per_scale.append(lg)
+            logits = per_scale[0] if len(per_scale) == 1 else torch.stack(per_scale).mean(0)
             for it, lg in zip(group, logits):
                 mask = it["mask"].long()
                 if tuple(lg.shape[-2:]) != tuple(mask.shape):
@@ -174,10 +185,7 @@ def evaluate_classification(
     net = inference_model(model)
     device = torch.device(device) if device is not None else next(net.parameters()).device
     names = list(dataset.class_names)
-    if getattr(net, "closed_vocabulary", False):
-        text = net.classifier_embeddings(names).detach().float()
-    else:
-        text = class_embeddings(net, names, templates)
+    text = vocabulary_embeddings(net, names, templates)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     correct1, correct5, seen = 0.0, 0.0, 0
     per_class = torch.zeros(len(names), 2)  # [correct, total]
@@ -334,6 +342,62 @@ def _load(path: str | Path, state: dict[str, Any] | None = None) -> tuple[nn.Mod
     return model.eval(), cfg
 
 
+def _weights_format(keys: Sequence[str]) -> str:
+    if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
+        return "hf"
+    if any(k.startswith(("img_encoder.", "module.img_encoder.")) for k in keys):
+        return "nvlabs"
+    return "unknown"
+
+
+def load_inference_model(path: str | Path, with_config: bool = False) -> tuple:
+    """A GroupViT-interface model from a run folder / our checkpoint / HF or NVlabs weights, and the
+    image size it was trained at (None when unknown); ``with_config`` adds the run's
+    :class:`PretrainConfig` (None for imported weights)."""
+    from mixreorg.nn.weights import load_hf_groupvit, load_nvlabs_groupvit
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"--model {p}: no such file or folder")
+    if p.is_dir() and ((p / "checkpoints").is_dir() or any(p.glob("ckpt-*.pt"))):
+        model, cfg = _load(p)
+        res = (inference_model(model).eval(), cfg.data.image_size)
+        return (*res, cfg) if with_config else res
+    if p.is_dir():  # a Hugging Face model folder
+        files = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()]
+        if not files:
+            raise ValueError(f"--model {p}: no checkpoints/, model.safetensors or pytorch_model.bin inside")
+        p = files[0]
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch / safetensors raise several types for unreadable files
+        raise ValueError(f"--model {p}: cannot read it as weights ({type(err).__name__}: {err})") from err
+    if isinstance(sd, dict) and sd.get("config") and "model" in sd:  # one of our checkpoints
+        model, cfg = _load(p, state=sd)
+        res = (inference_model(model).eval(), cfg.data.image_size)
+        return (*res, cfg) if with_config else res
+    keys = list(sd.get("model", sd).keys()) if isinstance(sd, dict) else []
+    fmt = _weights_format(keys)
+    if fmt == "hf":
+        cfg_file = p.parent / "config.json"
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        model = load_hf_groupvit(sd, config=config)
+    elif fmt == "nvlabs":
+        model = load_nvlabs_groupvit(sd)
+    else:
+        raise ValueError(
+            f"--model {p}: not a mixreorg checkpoint and neither Hugging Face (vision_model.*) nor NVlabs "
+            f"(img_encoder.*) GroupViT weights; first keys: {keys[:5]}"
+        )
+    size = model.vision.patch_embed.img_size[0]
+    return (model.eval(), size, None) if with_config else (model.eval(), size)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mixreorg.recipes.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -352,8 +416,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         from mixreorg.recipes.config import PretrainConfig
-
-        from .segment import load_inference_model
 
         model, size, cfg = load_inference_model(args.run, with_config=True)
         if cfg is None:  # imported weights: the default eval settings, SynthShapes at the model's size

@@ -239,12 +239,14 @@ class BatchBuilder:
     :func:`mixreorg.text.make_prompts`), ``text_keys`` (``data.text_keys``), ``prompt_keys`` (each
     prompt's noun, or the caption for filler prompts) and ``label_keys`` (the image's nouns and its
     caption). The prompt draw for a step depends only on ``(seed, step, rank)``: resumable.
+    ``with_masks``: also pass the stream's ``mask`` as ``masks`` (models with ``needs_masks``).
     """
 
-    def __init__(self, cfg: PretrainConfig, context_length: int, rank: int = 0) -> None:
+    def __init__(self, cfg: PretrainConfig, context_length: int, rank: int = 0, with_masks: bool = False) -> None:
         self.cfg = cfg
         self.ctx = int(context_length)
         self.rank = rank
+        self.with_masks = with_masks
         self._cache: dict[str, torch.Tensor] = {}
         vocab = cfg.data.noun_vocabulary
         if vocab is None and cfg.data.source == "synthshapes":
@@ -276,7 +278,7 @@ class BatchBuilder:
         if nouns is None:
             nouns = [extract_nouns(c, self.vocabulary) for c in captions]
         batch: dict[str, Any] = {"images": images, "text": _trim(self._tokens(captions, cache=False))}
-        if raw.get("mask") is not None and cfg.data.augment == "none":
+        if self.with_masks and raw.get("mask") is not None:
             batch["masks"] = raw["mask"]  # [B, H, W] (SynthShapes): the supervised upper bound's labels
         if cfg.objective.multi_label_weight > 0:
             rng = random.Random(f"{cfg.data.seed}/{step}/{self.rank}")
@@ -516,7 +518,7 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     ctx_len = int(getattr(model.inference_model().text, "context_length", 77))
-    builder = BatchBuilder(cfg, ctx_len, rank)
+    builder = BatchBuilder(cfg, ctx_len, rank, with_masks=getattr(model, "needs_masks", False))
     # own generator: creating the loader's iterator must not draw from the global RNG (exact resume)
     loader = torch.utils.data.DataLoader(
         stream,

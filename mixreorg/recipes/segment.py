@@ -19,7 +19,6 @@ training size), segmented with GroupViT's zero-shot inference (:func:`mixreorg.z
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "mixreorg.recipes"  # noqa: A001
 
-from mixreorg.zeroshot import check_class_names, class_embeddings, segment  # noqa: E402
+from mixreorg.recipes.evaluate import load_inference_model, vocabulary_embeddings  # noqa: E402
+from mixreorg.zeroshot import check_class_names, segment  # noqa: E402
 
 __all__ = ["IMAGE_SUFFIXES", "load_inference_model", "find_images", "parse_classes", "segment_files", "main"]
 
@@ -64,64 +64,6 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     if not found:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {[str(p) for p in paths]}")
     return found
-
-
-def _weights_format(keys: Sequence[str]) -> str:
-    if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
-        return "hf"
-    if any(k.startswith(("img_encoder.", "module.img_encoder.")) for k in keys):
-        return "nvlabs"
-    return "unknown"
-
-
-def load_inference_model(path: str | Path, with_config: bool = False) -> tuple:
-    """A GroupViT-interface model from a run folder / our checkpoint / HF or NVlabs weights, and the
-    image size it was trained at (None when unknown); ``with_config`` adds the run's
-    :class:`PretrainConfig` (None for imported weights)."""
-    from mixreorg.nn.weights import load_hf_groupvit, load_nvlabs_groupvit
-
-    from .evaluate import _load, inference_model
-
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"--model {p}: no such file or folder")
-    if p.is_dir() and ((p / "checkpoints").is_dir() or any(p.glob("ckpt-*.pt"))):
-        model, cfg = _load(p)
-        res = (inference_model(model).eval(), cfg.data.image_size)
-        return (*res, cfg) if with_config else res
-    if p.is_dir():  # a Hugging Face model folder
-        files = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()]
-        if not files:
-            raise ValueError(f"--model {p}: no checkpoints/, model.safetensors or pytorch_model.bin inside")
-        p = files[0]
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd: Any = load_file(str(p))
-        else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch / safetensors raise several types for unreadable files
-        raise ValueError(f"--model {p}: cannot read it as weights ({type(err).__name__}: {err})") from err
-    if isinstance(sd, dict) and sd.get("config") and "model" in sd:  # one of our checkpoints
-        model, cfg = _load(p, state=sd)
-        res = (inference_model(model).eval(), cfg.data.image_size)
-        return (*res, cfg) if with_config else res
-    keys = list(sd.get("model", sd).keys()) if isinstance(sd, dict) else []
-    fmt = _weights_format(keys)
-    if fmt == "hf":
-        cfg_file = p.parent / "config.json"
-        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
-        model = load_hf_groupvit(sd, config=config)
-    elif fmt == "nvlabs":
-        model = load_nvlabs_groupvit(sd)
-    else:
-        raise ValueError(
-            f"--model {p}: not a mixreorg checkpoint and neither Hugging Face (vision_model.*) nor NVlabs "
-            f"(img_encoder.*) GroupViT weights; first keys: {keys[:5]}"
-        )
-    size = model.vision.patch_embed.img_size[0]
-    return (model.eval(), size, None) if with_config else (model.eval(), size)
 
 
 def _load_image(path: Path, short_side: int, multiple: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -162,10 +104,7 @@ def segment_files(
 
     names = check_class_names(list(class_names))
     model = model.to(device)
-    if getattr(model, "closed_vocabulary", False):
-        text = model.classifier_embeddings(names).float()
-    else:
-        text = class_embeddings(model, names)
+    text = vocabulary_embeddings(model, names)
     shown = (["background"] + names) if bg_thresh is not None else names
     if len(shown) > 255:
         raise ValueError(f"at most 255 classes fit the label PNG, got {len(shown)}")

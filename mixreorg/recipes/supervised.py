@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixreorg.nn.groupvit import GroupViT, assignment_to_image, compose_assignments
+from mixreorg.nn.groupvit import GroupViT
 
 __all__ = ["SupervisedSegmenter", "SupervisedInference", "build_supervised_trainer"]
 
@@ -51,7 +51,7 @@ class SupervisedInference(nn.Module):
 
     @property
     def logit_scale(self) -> nn.Parameter:
-        return self.owner.logit_scale
+        return self.owner.groupvit.logit_scale
 
     def scale(self) -> torch.Tensor:
         return self.owner.scale()
@@ -79,6 +79,9 @@ class SupervisedSegmenter(nn.Module):
             own segment: a plain ViT trained with masks, to tell what the grouping bottleneck costs).
     """
 
+    #: the training loop adds ``batch["masks"]`` only for models that declare this
+    needs_masks = True
+
     def __init__(
         self, groupvit: GroupViT, class_names: Sequence[str], ignore_index: int = 255, head: str = "groups"
     ) -> None:
@@ -89,16 +92,15 @@ class SupervisedSegmenter(nn.Module):
             raise ValueError(f"head must be 'groups' or 'patches', got {head!r}")
         self.head = head
         self.groupvit = groupvit
-        # the text side and the contrastive temperatures are not used (kept for the checkpoint layout)
+        # the text side and the multi-label temperature are not used (kept for the checkpoint layout);
+        # GroupViT's logit_scale is the temperature of the per-pixel logits
         self.groupvit.text.requires_grad_(False)
         self.groupvit.text_proj.requires_grad_(False)
-        self.groupvit.logit_scale.requires_grad_(False)
         if self.groupvit.multi_label_logit_scale is not None:
             self.groupvit.multi_label_logit_scale.requires_grad_(False)
         self.class_names = list(class_names)
         self.ignore_index = ignore_index
         self.class_embed = nn.Parameter(torch.randn(len(class_names), groupvit.proj_dim) * 0.02)  # [K, D]
-        self.logit_scale = nn.Parameter(groupvit.logit_scale.detach().clone())
         if head == "patches":
             self.patch_proj = nn.Linear(groupvit.vision.width, groupvit.proj_dim)
             # only what the patch path uses is trained (DDP needs every trainable parameter used)
@@ -107,6 +109,7 @@ class SupervisedSegmenter(nn.Module):
             for m in (enc.patch_embed, enc.stages[0].blocks, enc.norm):
                 m.requires_grad_(True)
             enc.pos_embed.requires_grad_(True)
+            groupvit.logit_scale.requires_grad_(True)
             if enc.stages[0].group_token is not None:
                 enc.stages[0].group_token.requires_grad_(True)
 
@@ -127,7 +130,7 @@ class SupervisedSegmenter(nn.Module):
                 "hard_maps": [eye], "grid": grid}
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.groupvit.logit_scale_max)
+        return self.groupvit.scale()
 
     def class_embeddings(self, class_names: Sequence[str] | None = None) -> torch.Tensor:
         """Normalised class embeddings ``[K, D]`` in the order of ``class_names`` (default: all)."""
@@ -147,11 +150,7 @@ class SupervisedSegmenter(nn.Module):
     def pixel_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``images [B, 3, H, W] -> logits [B, K, H, W]`` through the composed soft maps."""
         out = self.encode_image(images, return_maps=True)
-        assign = assignment_to_image(
-            compose_assignments(out["soft_maps"]), out["grid"], tuple(images.shape[-2:])
-        )  # [B, S, H, W]
-        group_logits = torch.einsum("bsd,kd->bks", out["seg_embed"], self.class_embeddings())  # [B, K, S]
-        return self.scale() * torch.einsum("bks,bshw->bkhw", group_logits, assign.to(group_logits.dtype))
+        return self.groupvit.segmentation_logits_from(out, self.class_embeddings(), tuple(images.shape[-2:]))
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         masks = batch.get("masks")
