@@ -169,8 +169,7 @@ def test_truncated_shard_is_counted_not_fatal(shards: Path) -> None:
 def test_all_bad_shards_raise_a_clear_error(tmp_path: Path) -> None:
     _write_tar(tmp_path / "bad.tar", [(f"{i}", {"jpg": CORRUPT_JPEG, "txt": b"x"}) for i in range(3)])
     with pytest.raises(ValueError, match="no usable sample"):
-        for _ in ShardStream(tmp_path / "bad.tar", image_size=16):
-            pass
+        list(ShardStream(tmp_path / "bad.tar", image_size=16))
 
 
 # ----------------------------------------------------------------------------------------- pairs

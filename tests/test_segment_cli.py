@@ -28,6 +28,22 @@ def _images(folder: Path) -> list[Path]:
     return paths
 
 
+def _tiny_groupvit() -> GroupViT:
+    torch.manual_seed(0)
+    return GroupViT(
+        vision=dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depths=(1, 1), num_group_tokens=(4, 0),
+                    num_output_groups=(4,)),
+        text=dict(context_length=16, width=32, layers=1, heads=2),
+        proj_dim=16, proj_hidden=32,
+    )  # fmt: skip
+
+
+def _save_hf(model: GroupViT, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ours_to_hf(model).items()}, str(path))
+
+
 def _check_outputs(out: Path, n_classes: int, stems: list[str]) -> None:
     for stem in stems:
         seg = Image.open(out / f"{stem}_seg.png")
@@ -61,16 +77,8 @@ def test_segment_run_folder_with_any_class_names(tmp_path: Path, capsys: pytest.
 
 
 def test_segment_imported_hf_weights(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = GroupViT(
-        vision=dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depths=(1, 1), num_group_tokens=(4, 0),
-                    num_output_groups=(4,)),
-        text=dict(context_length=16, width=32, layers=1, heads=2),
-        proj_dim=16, proj_hidden=32,
-    )  # fmt: skip
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in ours_to_hf(model).items()}, str(tmp_path / "model.safetensors"))
+    model = _tiny_groupvit()
+    _save_hf(model, tmp_path / "model.safetensors")
     loaded, size = load_inference_model(tmp_path)
     assert size == 32 and isinstance(loaded, GroupViT)
     paths = _images(tmp_path / "imgs")
@@ -109,13 +117,7 @@ def test_evaluate_multiscale_and_imagefolder_classification(tmp_path: Path, caps
     from mixreorg.recipes.evaluate import evaluate_classification, evaluate_segmentation
     from mixreorg.recipes.evaluate import main as eval_main
 
-    torch.manual_seed(0)
-    model = GroupViT(
-        vision=dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depths=(1, 1), num_group_tokens=(4, 0),
-                    num_output_groups=(4,)),
-        text=dict(context_length=16, width=32, layers=1, heads=2),
-        proj_dim=16, proj_hidden=32,
-    ).eval()  # fmt: skip
+    model = _tiny_groupvit().eval()
     ds = build_segmentation_dataset("synthshapes", size=4, image_size=32)
     one = evaluate_segmentation(model, ds, batch_size=4)
     same = evaluate_segmentation(model, ds, batch_size=4, scales=(1.0, 1.0))  # averaging equal logits
@@ -134,9 +136,7 @@ def test_evaluate_multiscale_and_imagefolder_classification(tmp_path: Path, caps
     res = evaluate_classification(model, folder, batch_size=4)
     assert res["num_images"] == 6 and res["class_names"] == ["blue circle", "red square"]
     assert res["top5"] == 1.0 and 0.0 <= res["top1"] <= 1.0 and set(res["per_class"]) == set(res["class_names"])
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in ours_to_hf(model).items()}, str(tmp_path / "model.safetensors"))
+    _save_hf(model, tmp_path / "model.safetensors")
     assert eval_main([str(tmp_path / "model.safetensors"), "--size", "4", "--scales", "0.75", "1",
                       "--classify", str(tmp_path / "cls")]) == 0  # fmt: skip
     assert "zero-shot classification" in capsys.readouterr().out
