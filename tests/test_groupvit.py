@@ -429,7 +429,7 @@ def test_conv_stem_tokens_see_their_patch_and_a_margin_only() -> None:
     with pytest.raises(ValueError, match="power-of-2"):
         PatchEmbed(36, 6, 3, 16, stem="conv")
     with pytest.raises(ValueError, match="stem must be"):
-        PatchEmbed(32, 8, 3, 16, stem="hybrid")
+        PatchEmbed(32, 8, 3, 16, stem="resnet")
     enc = GroupViTVisionEncoder(
         img_size=32, patch_size=8, embed_dim=16, num_heads=2, depths=[1, 1], num_group_tokens=[4, 0],
         num_output_groups=[2], stem="conv",

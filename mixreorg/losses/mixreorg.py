@@ -43,23 +43,25 @@ class MixedSegmentationLoss(nn.Module):
     """
 
     def forward(self, assign: torch.Tensor, seg_embed: torch.Tensor, text_embed: torch.Tensor, plan: MixPlan,
-                scale: torch.Tensor | float, caption_keys: torch.Tensor | None = None) -> dict:
+                scale: torch.Tensor | float, caption_keys: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> dict:
         B, S, L = assign.shape
         G = plan.group_size
-        if seg_embed.shape[:2] != (B, S) or text_embed.shape[0] != B or plan.labels.shape != (B, L):
+        labels = plan.labels if labels is None else labels  # [B, L]: fine-grid labels of a fine-grouping model
+        if seg_embed.shape[:2] != (B, S) or text_embed.shape[0] != B or labels.shape != (B, L):
             raise ValueError(
                 f"MixedSegmentationLoss: shapes do not agree: assign {tuple(assign.shape)}, seg_embed "
                 f"{tuple(seg_embed.shape)}, text_embed {tuple(text_embed.shape)}, "
-                f"plan labels {tuple(plan.labels.shape)}"
+                f"labels {tuple(labels.shape)}"
             )
         nG, D = B // G, text_embed.shape[-1]
         text = text_embed.view(nG, G, D)
         sim = torch.einsum("ngsd,njd->ngsj", seg_embed.view(nG, G, S, D), text.to(seg_embed.dtype))  # [nG, G, S, G]
         logits = torch.einsum("ngsl,ngsj->nglj", assign.view(nG, G, S, L).to(sim.dtype), sim)  # [nG, G, L, G]
         logits = logits * scale
-        target = plan.labels.view(nG, G, L)
+        target = labels.view(nG, G, L)
         if caption_keys is not None:
-            first = canonical_caption_index(caption_keys.to(plan.labels.device), G).view(nG, G)
+            first = canonical_caption_index(caption_keys.to(labels.device), G).view(nG, G)
             dup = first != torch.arange(G, device=first.device)  # [nG, G] column is a repeat
             logits = logits.masked_fill(dup[:, None, None, :], float("-inf"))
             target = torch.gather(first, 1, target.reshape(nG, G * L)).view(nG, G, L)
@@ -134,7 +136,7 @@ class MixReorgLoss(nn.Module):
             logs.update({f"{name}/{k}": v for k, v in c.items()})
         scale = out["logit_scale"].exp().clamp(max=100)
         seg = self.seg(out["mixed_assign"], out["mixed"]["seg_embed"], out["text_embed"], out["plan"], scale,
-                       caption_keys if self.merge_duplicate_captions else None)
+                       caption_keys if self.merge_duplicate_captions else None, labels=out.get("mixed_labels"))
         if self.seg_weight:
             total = total + self.seg_weight * seg["loss"]
         logs["seg/loss"] = seg["loss"]

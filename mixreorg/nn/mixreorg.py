@@ -166,25 +166,29 @@ class MixReorg(nn.Module):
         return self.vision.stages[0].run_block(blk, h)
 
     # ------------------------------------------------------------------ original branch only
-    def _stage1_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _stage1_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """``(h [B, L + S, C] after the contextual block, group tokens, L, skip)``; ``skip`` is the
+        encoder's fine-grouping skip ``[B, L, f*f*C]`` (None without ``group_patch_size``)."""
         enc = self.vision
-        x = enc.embed(images)  # [B, L, C]
+        x, skip = enc.embed_with_skip(images)  # [B, L, C]
         g = enc.stages[0].init_group_tokens(x.shape[0])  # [B, S, C]
         L = x.shape[1]
         h = torch.cat([x, g], dim=1)  # [B, L + S, C]
         if self.context_block is not None:
             h = self._run(self.context_block, h)
-        return h, g, L
+        return h, g, L, skip
 
     def encode_image(self, images: torch.Tensor, return_maps: bool = False) -> dict:
         """The original branch alone (inference): same output dict as ``GroupViT.encode_image``."""
         enc = self.vision
         grid = enc.patch_embed.grid_for(images)
-        h, _, L = self._stage1_input(images)
+        h, _, L, skip = self._stage1_input(images)
         for blk in enc.stages[0].blocks:
             h = self._run(blk, h)
         assigned = self.config.image_pool == "assigned"
-        out = enc.forward_from_stage1_output(h[:, :L], h[:, L:], return_maps=return_maps or assigned, grid=grid)
+        out = enc.forward_from_stage1_output(
+            h[:, :L], h[:, L:], return_maps=return_maps or assigned, grid=grid, skip=skip
+        )
         if assigned:
             out["pooled"] = assigned_pool(out)
         return self.groupvit.project_image(out, with_seg=return_maps)
@@ -230,7 +234,7 @@ class MixReorg(nn.Module):
         if B % self.group_size != 0:
             raise ValueError(f"MixReorg: batch size {B} is not divisible by the group size {self.group_size}")
         with record_function("mixreorg/embed+context"):
-            h, _, L = self._stage1_input(images)  # [B, L + S, C] after the contextual block
+            h, _, L, skip = self._stage1_input(images)  # [B, L + S, C] after the contextual block
         x_o, g_o = h[:, :L], h[:, L:]
         if plan is None:
             plan = self.make_plan(B, grid, images.device, generator)
@@ -245,8 +249,11 @@ class MixReorg(nn.Module):
                     x_m = self._progressive(k, x_m, x_o, plan)
             x_r = self.mixer.restore(x_m, plan)  # every patch back in its own image
         with record_function("mixreorg/grouping+stages2.. (3 branches)"):
+            # a fine-grouping encoder's skip features move with their patch: mixed for the mixed branch
+            skips = None if skip is None else torch.cat([skip, self.mixer(skip, plan)[0], skip], 0)
             out = enc.forward_from_stage1_output(
-                torch.cat([x_o, x_m, x_r], 0), torch.cat([g_o, g_m, g_o], 0), return_maps=True, grid=grid
+                torch.cat([x_o, x_m, x_r], 0), torch.cat([g_o, g_m, g_o], 0), return_maps=True, grid=grid,
+                skip=skips,
             )
         with record_function("mixreorg/projection heads"):
             if self.config.image_pool == "assigned":
@@ -272,9 +279,10 @@ class MixReorg(nn.Module):
 
         Returns the :meth:`forward_branches` dict with ``text_embed [B, D]``, ``prompt_embed
         [B, K, D]`` (or None), ``logit_scale`` and ``multi_label_logit_scale`` (log space), and
-        ``mixed_assign [B, S_final, L]``: the composed assignment of the mixed branch (patch ->
-        final segment; hard straight-through or soft, ``config.seg_maps``), what the mixed
-        segmentation loss uses.
+        ``mixed_assign [B, S_final, N_0]``: the composed assignment of the mixed branch (token ->
+        final segment; hard straight-through or soft, ``config.seg_maps``), and ``mixed_labels
+        [B, N_0]``, the source of each of those tokens (:meth:`mixed_labels`): what the mixed
+        segmentation loss uses. ``N_0 = L`` unless the encoder groups a finer grid.
         """
         out = self.forward_branches(images, plan, generator)
         # two text passes, as the GroupViT trainer: captions and prompts may have other lengths
@@ -285,4 +293,15 @@ class MixReorg(nn.Module):
         ml = gv.multi_label_logit_scale if gv.multi_label_logit_scale is not None else gv.logit_scale
         out["multi_label_logit_scale"] = ml
         out["mixed_assign"] = compose_assignments(out["mixed"][f"{self.config.seg_maps}_maps"])
+        out["mixed_labels"] = self.mixed_labels(out["plan"], out["grid"])
         return out
+
+    def mixed_labels(self, plan: MixPlan, grid: tuple[int, int]) -> torch.Tensor:
+        """Source image (in its group) of every token the first grouping assigns ``[B, N_0]``: the plan's
+        labels, each repeated over the ``f x f`` fine tokens of its patch for a fine-grouping encoder."""
+        f = self.vision.fine_factor
+        if f == 1:
+            return plan.labels
+        h, w = grid
+        lab = plan.labels.view(-1, h, w)  # [B, h, w]
+        return lab.repeat_interleave(f, dim=1).repeat_interleave(f, dim=2).reshape(lab.shape[0], h * f * w * f)

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Block
 from .grouping import GroupingBlock, TokenMlp
+from .stem import ConvTrunk, FineTokens
 
 __all__ = ["PatchEmbed", "GroupProjector", "GroupViTStage", "GroupViTVisionEncoder", "interpolate_pos_embed"]
 
@@ -61,7 +62,7 @@ def init_linear_and_norm(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-STEMS = ("patch", "conv")
+STEMS = ("patch", "conv", "hybrid")
 
 
 class PatchEmbed(nn.Module):
@@ -72,6 +73,10 @@ class PatchEmbed(nn.Module):
     3x3 stride-2 convolutions with BatchNorm + ReLU (widths C/2^(n-1) .. C) and a 1x1 projection;
     each token then sees a little past its own patch (receptive field 2p - 1 pixels). Needs a
     power-of-2 patch size.
+    ``stem="hybrid"``: a :class:`~mixreorg.nn.stem.ConvTrunk` (residual 3x3 convolutions with
+    BatchNorm, ``stem_widths`` channels per stride-2 level, ``stem_depths`` convolutions per level;
+    defaults ``(32, 64, ...)`` and 2 per level) and a 1x1 projection, the R50+ViT hybrid of the ViT
+    paper at a tiny scale. Needs a square power-of-2 patch size of ``2 ** len(stem_widths)``.
 
     ``forward(images [B, C_in, H, W]) -> (tokens [B, H/p * W/p, C], (H/p, W/p))``.
     """
@@ -83,6 +88,8 @@ class PatchEmbed(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 384,
         stem: str = "patch",
+        stem_widths: Sequence[int] | None = None,
+        stem_depths: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.img_size = _pair(img_size)
@@ -94,6 +101,8 @@ class PatchEmbed(nn.Module):
                 raise ValueError(f"image {name} {s} is not divisible by the patch size {p}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if stem != "hybrid" and (stem_widths is not None or stem_depths is not None):
+            raise ValueError(f"stem_widths / stem_depths configure stem='hybrid' only, got stem={stem!r}")
         if stem == "patch":
             self.proj: nn.Module = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         elif stem == "conv":
@@ -109,6 +118,18 @@ class PatchEmbed(nn.Module):
                 prev = w
             layers.append(nn.Conv2d(prev, embed_dim, 1))
             self.proj = nn.Sequential(*layers)
+        elif stem == "hybrid":
+            ph, pw = self.patch_size
+            if ph != pw or ph < 2 or ph & (ph - 1):
+                raise ValueError(f"stem='hybrid' needs a square power-of-2 patch size, got {ph}x{pw}")
+            n = ph.bit_length() - 1
+            widths = list(stem_widths) if stem_widths is not None else [min(32 << i, embed_dim) for i in range(n)]
+            if len(widths) != n:
+                raise ValueError(
+                    f"stem='hybrid' with patch size {ph} needs {n} stem_widths (one per stride-2 level), got {widths}"
+                )
+            depths = list(stem_depths) if stem_depths is not None else [2] * n
+            self.proj = ConvTrunk(in_chans, embed_dim, widths, depths)
         else:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         self.norm = nn.LayerNorm(embed_dim)
@@ -132,6 +153,17 @@ class PatchEmbed(nn.Module):
         grid = self.grid_for(images)
         x = self.proj(images).flatten(2).transpose(1, 2)  # [B, L, C]
         return self.norm(x), grid
+
+    def forward_with_level(
+        self, images: torch.Tensor, stride: int
+    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+        """``(tokens [B, L, C], grid, level [B, C_s, H/s, W/s])``: also the hybrid trunk's feature map at
+        ``stride`` (for :class:`~mixreorg.nn.stem.FineTokens`)."""
+        if not isinstance(self.proj, ConvTrunk):
+            raise ValueError(f"only stem='hybrid' has intermediate feature levels, this stem is {self.stem!r}")
+        grid = self.grid_for(images)
+        out, level = self.proj(images, return_stride=stride)
+        return self.norm(out.flatten(2).transpose(1, 2)), grid, level
 
 
 class GroupProjector(nn.Module):
@@ -295,8 +327,14 @@ class GroupViTVisionEncoder(nn.Module):
         act: MLP activation (``"gelu"``).
         use_checkpoint: activation checkpointing of every block (``torch.utils.checkpoint``).
         attn_backend: ``"sdpa" | "xformers" | "auto"``; assign_impl: ``gumbel_assign`` backend.
-        stem: ``"patch"`` (GroupViT's linear patch embedding) or ``"conv"`` (a convolutional stem,
-            see :class:`PatchEmbed`).
+        stem: ``"patch"`` (GroupViT's linear patch embedding), ``"conv"`` (a convolutional stem) or
+            ``"hybrid"`` (a residual convolutional trunk), see :class:`PatchEmbed`; stem_widths /
+            stem_depths: the hybrid trunk's channels and convolutions per stride-2 level.
+        group_patch_size: patch size of the tokens the FIRST grouping block assigns (None: ``patch_size``).
+            Smaller than ``patch_size`` (hybrid stem only): the blocks run on the ``patch_size`` grid and
+            the grouping on a grid ``patch_size / group_patch_size`` times finer, built by
+            :class:`~mixreorg.nn.stem.FineTokens` from the trunk's features at that stride (the
+            assignment maps and ``grid`` of the output are then on the fine grid).
     """
 
     def __init__(
@@ -325,6 +363,9 @@ class GroupViTVisionEncoder(nn.Module):
         attn_backend: str = "sdpa",
         assign_impl: str = "auto",
         stem: str = "patch",
+        stem_widths: Sequence[int] | None = None,
+        stem_depths: Sequence[int] | None = None,
+        group_patch_size: int | None = None,
     ) -> None:
         super().__init__()
         depths, num_group_tokens, num_output_groups = list(depths), list(num_group_tokens), list(num_output_groups)
@@ -351,8 +392,22 @@ class GroupViTVisionEncoder(nn.Module):
         self.num_group_tokens = tuple(num_group_tokens)
         self.num_output_groups = tuple(num_output_groups)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, stem=stem)
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, stem=stem, stem_widths=stem_widths, stem_depths=stem_depths
+        )
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+        self.fine_tokens: FineTokens | None = None
+        p = self.patch_embed.patch_size[0]
+        self.group_patch_size = p if group_patch_size is None else int(group_patch_size)
+        if self.group_patch_size != p:
+            g = self.group_patch_size
+            if stem != "hybrid":
+                raise ValueError(f"group_patch_size={g} (finer than patch_size={p}) needs stem='hybrid', got {stem!r}")
+            if n < 2:
+                raise ValueError("group_patch_size < patch_size needs a grouping stage (at least two stages)")
+            if g < 2 or g >= p or p % g:
+                raise ValueError(f"group_patch_size must divide patch_size={p} and be in [2, {p}), got {g}")
+            self.fine_tokens = FineTokens(self.patch_embed.proj.level_channels(g), embed_dim, p // g)
         self.pos_drop = nn.Dropout(drop_rate)
 
         total = sum(depths)
@@ -435,6 +490,19 @@ class GroupViTVisionEncoder(nn.Module):
         x, grid = self.patch_embed(images)  # [B, L, C]
         return self.pos_drop(x + self.pos_embed_for(grid))
 
+    @property
+    def fine_factor(self) -> int:
+        """How many times finer the first grouping's grid is than the token grid (1: the same)."""
+        return 1 if self.fine_tokens is None else self.fine_tokens.factor
+
+    def embed_with_skip(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`embed` plus the patch-major skip features ``[B, L, f*f*C]`` the first grouping block
+        reads (None without ``group_patch_size``); mixing moves both with the same plan."""
+        if self.fine_tokens is None:
+            return self.embed(images), None
+        x, grid, level = self.patch_embed.forward_with_level(images, self.group_patch_size)
+        return self.pos_drop(x + self.pos_embed_for(grid)), self.fine_tokens.skip(level)
+
     def forward_stage(
         self, i: int, x: torch.Tensor, prev_group_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -453,15 +521,25 @@ class GroupViTVisionEncoder(nn.Module):
         group_tokens: torch.Tensor | None,
         return_maps: bool = False,
         grid: tuple[int, int] | None = None,
+        skip: torch.Tensor | None = None,
     ) -> dict:
         """Continue after the BLOCKS of stage ``i``: its grouping, stages ``i+1..``, norm and pool.
 
         ``x [B, L, C]`` and ``group_tokens [B, S_i, C]`` are stage ``i``'s outputs of
         :meth:`GroupViTStage.forward_blocks`. Returns the same dict as :meth:`forward` (only the
-        maps of stages ``>= i``).
+        maps of stages ``>= i``). With ``group_patch_size``, stage 0's grouping needs ``skip`` (from
+        :meth:`embed_with_skip`) and ``grid``; the maps and the returned ``grid`` are the fine grid's.
         """
         hard_maps: list[torch.Tensor] = []
         soft_maps: list[torch.Tensor] = []
+        if i == 0 and self.fine_tokens is not None:
+            if skip is None or grid is None:
+                raise ValueError(
+                    "this encoder groups a finer grid (group_patch_size): pass skip= (embed_with_skip) and grid="
+                )
+            x = self.fine_tokens(x, skip, grid)  # [B, L*f*f, C]
+            f = self.fine_tokens.factor
+            grid = (grid[0] * f, grid[1] * f)
         st = self.stages[i]
         if st.downsample is not None:
             x, hard, soft = st.group(x, group_tokens)
@@ -488,6 +566,7 @@ class GroupViTVisionEncoder(nn.Module):
         group_tokens: torch.Tensor,
         return_maps: bool = False,
         grid: tuple[int, int] | None = None,
+        skip: torch.Tensor | None = None,
     ) -> dict:
         """Hand-off for encoders that run the first stage's blocks themselves (MixReorg).
 
@@ -495,7 +574,7 @@ class GroupViTVisionEncoder(nn.Module):
         run ``enc.stages[0].blocks`` on ``[x; g]`` (or :meth:`GroupViTStage.forward_blocks`);
         then ``enc.forward_from_stage1_output(x, g)``.
         """
-        return self.forward_from_stage_output(0, x, group_tokens, return_maps=return_maps, grid=grid)
+        return self.forward_from_stage_output(0, x, group_tokens, return_maps=return_maps, grid=grid, skip=skip)
 
     def forward(self, images: torch.Tensor, return_maps: bool = False) -> dict:
         """Encode images.
@@ -505,7 +584,7 @@ class GroupViTVisionEncoder(nn.Module):
         unless ``return_maps``) and ``grid`` (the patch grid ``(H/p, W/p)``).
         """
         grid = self.patch_embed.grid_for(images)
-        x = self.embed(images)
+        x, skip = self.embed_with_skip(images)
         g = self.stages[0].init_group_tokens(x.shape[0])
         x, g = self.stages[0].forward_blocks(x, g)
-        return self.forward_from_stage_output(0, x, g, return_maps=return_maps, grid=grid)
+        return self.forward_from_stage_output(0, x, g, return_maps=return_maps, grid=grid, skip=skip)

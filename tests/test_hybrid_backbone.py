@@ -1,0 +1,157 @@
+"""The hybrid GroupViT backbone: a convolutional trunk under the GroupViT stages (``stem="hybrid"``) and
+the first grouping on a finer grid than the transformer's (``group_patch_size``)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixreorg.losses import MixReorgLoss
+from mixreorg.nn import GroupViT, MixReorg
+from mixreorg.nn.stem import ConvTrunk, FineTokens
+from mixreorg.nn.vision import GroupViTVisionEncoder
+from mixreorg.zeroshot import segment
+
+VISION = dict(
+    img_size=32, patch_size=8, embed_dim=32, num_heads=2, depths=[1, 1], num_group_tokens=[4, 0],
+    num_output_groups=[4], stem="hybrid", stem_widths=[8, 16, 32], stem_depths=[1, 2, 1], drop_path_rate=0.0,
+)
+TEXT = dict(context_length=8, width=32, layers=1, heads=2, vocab_size=100)
+
+
+def tiny_groupvit(**vision) -> GroupViT:
+    torch.manual_seed(0)
+    return GroupViT({**VISION, **vision}, TEXT, proj_dim=16, proj_hidden=32, proj_layers=1)
+
+
+def test_trunk_levels_and_strides():
+    trunk = ConvTrunk(3, 24, widths=(8, 16, 32), depths=(1, 2, 2))
+    x = torch.randn(2, 3, 32, 48)
+    out, level = trunk(x, return_stride=4)
+    assert trunk.stride == 8 and out.shape == (2, 24, 4, 6) and level.shape == (2, 16, 8, 12)
+    torch.testing.assert_close(trunk(x), out, rtol=0, atol=0)
+    assert trunk.level_channels(2) == 8
+    with pytest.raises(ValueError, match="strides \\[2, 4, 8\\], not 16"):
+        trunk(x, return_stride=16)
+    with pytest.raises(ValueError, match="one value per level"):
+        ConvTrunk(3, 24, widths=(8, 16), depths=(1,))
+
+
+def test_residual_blocks_start_as_identity():
+    # the last BatchNorm of every residual block starts at zero: extra depth changes nothing at init
+    torch.manual_seed(0)
+    a = ConvTrunk(3, 8, widths=(8, 8), depths=(1, 1)).eval()
+    torch.manual_seed(0)
+    b = ConvTrunk(3, 8, widths=(8, 8), depths=(1, 1)).eval()
+    deep = ConvTrunk(3, 8, widths=(8, 8), depths=(3, 3)).eval()
+    deep.levels[0][0].load_state_dict(a.levels[0][0].state_dict())
+    deep.levels[1][0].load_state_dict(a.levels[1][0].state_dict())
+    deep.proj.load_state_dict(a.proj.state_dict())
+    x = torch.randn(2, 3, 16, 16).abs()  # ReLU of the identity block sees non-negative inputs
+    torch.testing.assert_close(deep(x), b(x))
+
+
+@settings(max_examples=20, deadline=None)
+@given(h=st.integers(1, 3), w=st.integers(1, 3), f=st.sampled_from([2, 4]), c=st.sampled_from([4, 8]))
+def test_fine_tokens_layout(h, w, f, c):
+    """Fine token (y, x) of the fine grid = LN(proj(level))[y, x] + the coarse token of its patch."""
+    torch.manual_seed(h * 100 + w * 10 + f)
+    ft = FineTokens(in_ch=3, dim=c, factor=f)
+    level = torch.randn(2, 3, h * f, w * f)
+    x = torch.randn(2, h * w, c)
+    out = ft(x, ft.skip(level), (h, w))  # [B, (h f)(w f), C]
+    direct = ft.norm(ft.proj(level).permute(0, 2, 3, 1))  # [B, h f, w f, C]
+    coarse = x.reshape(2, h, w, c).repeat_interleave(f, 1).repeat_interleave(f, 2)
+    torch.testing.assert_close(out, (direct + coarse).reshape(2, -1, c), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit the grid"):
+        ft(x, ft.skip(level), (h + 1, w))
+
+
+def test_fine_grouping_encoder_shapes_and_gradients():
+    enc = GroupViTVisionEncoder(**{**VISION, "group_patch_size": 4})
+    x = torch.randn(3, 3, 32, 32)
+    out = enc(x, return_maps=True)
+    assert out["grid"] == (8, 8) and enc.fine_factor == 2
+    assert [tuple(m.shape) for m in out["soft_maps"]] == [(3, 4, 64)]
+    # every patch is owned by exactly one group; the soft map is a distribution over groups
+    torch.testing.assert_close(out["hard_maps"][0].sum(1), torch.ones(3, 64))
+    torch.testing.assert_close(out["soft_maps"][0].sum(1), torch.ones(3, 64))
+    (out["pooled"].square().sum() + out["soft_maps"][0].square().sum()).backward()
+    for name, p in enc.named_parameters():
+        if name.startswith(("patch_embed.proj.levels.0", "fine_tokens", "stages.0.blocks")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # without the skip the fine grouping cannot run: the error names what is missing
+    xe = enc.embed(x)
+    g = enc.stages[0].init_group_tokens(3)
+    with pytest.raises(ValueError, match="skip="):
+        enc.forward_from_stage1_output(xe, g, grid=(4, 4))
+
+
+def test_plain_encoder_unchanged_by_the_option():
+    # group_patch_size == patch_size is the plain encoder: no extra module, maps on the token grid
+    enc = GroupViTVisionEncoder(**{**VISION, "group_patch_size": 8})
+    assert enc.fine_tokens is None and enc.fine_factor == 1
+    assert enc(torch.randn(2, 3, 32, 32), return_maps=True)["soft_maps"][0].shape == (2, 4, 16)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(stem="patch", stem_widths=None, stem_depths=None, group_patch_size=4), "needs stem='hybrid'"),
+        (dict(group_patch_size=3), "must divide patch_size"),
+        (dict(group_patch_size=16), "must divide patch_size"),
+        (dict(stem="conv", stem_depths=None), "configure stem='hybrid' only"),
+        (dict(stem_widths=[8, 16]), "needs 3 stem_widths"),
+        (dict(img_size=36, patch_size=6), "power-of-2 patch size"),
+    ],
+)
+def test_bad_options_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GroupViTVisionEncoder(**{**VISION, **kw})
+
+
+@pytest.mark.parametrize("group_patch_size", [8, 4])
+def test_zero_shot_path_and_checkpoint_round_trip(group_patch_size):
+    gv = tiny_groupvit(group_patch_size=group_patch_size)
+    # a few training-mode passes move the BatchNorm running statistics away from their init
+    for _ in range(2):
+        gv.encode_image(torch.randn(4, 3, 32, 32))
+    gv.eval()
+    images = torch.randn(2, 3, 32, 32)
+    text = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    labels = segment(gv, images, text, topk=None, return_labels=True)
+    logits = segment(gv, images, text, topk=None)
+    assert labels.shape == (2, 32, 32) and logits.shape == (2, 5, 32, 32)
+    torch.testing.assert_close(labels, logits.argmax(1))
+    buf = io.BytesIO()
+    torch.save(gv.state_dict(), buf)
+    buf.seek(0)
+    other = tiny_groupvit(group_patch_size=group_patch_size)
+    other.load_state_dict(torch.load(buf))
+    other.eval()
+    torch.testing.assert_close(segment(other, images, text, topk=None), logits, rtol=0, atol=0)
+    assert any(k.endswith("running_mean") for k in gv.state_dict())
+
+
+def test_mixreorg_on_fine_grouping():
+    gv = tiny_groupvit(group_patch_size=4)
+    model = MixReorg(gv, dict(group_size=4))
+    images = torch.randn(8, 3, 32, 32)
+    ids = torch.randint(1, 100, (8, 8))
+    out = model(images, ids, generator=torch.Generator().manual_seed(0))
+    assert out["mixed_assign"].shape == (8, 4, 64)
+    # the labels of the fine tokens are the plan's pixel labels sampled at the fine grid
+    torch.testing.assert_close(out["mixed_labels"], out["plan"].pixel_labels(8)[:, ::4, ::4].reshape(8, 64))
+    logs = MixReorgLoss()(out)
+    logs["loss"].backward()
+    assert model.vision.fine_tokens.proj.weight.grad.abs().sum() > 0
+    # inference: the original branch is a GroupViT with one more block, grouping the fine grid
+    model.eval()
+    gvp = model.to_groupvit().eval()
+    a, b = model.encode_image(images, return_maps=True), gvp.encode_image(images, return_maps=True)
+    torch.testing.assert_close(a["soft_maps"][0], b["soft_maps"][0])
+    assert a["grid"] == (8, 8)
