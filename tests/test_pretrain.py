@@ -386,6 +386,14 @@ def test_cli_pretrain_mixreorg_and_evaluate_from_checkpoint(tmp_path: Path, caps
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert len(train_recs) == 3 and all(math.isfinite(r["loss"]) for r in train_recs)
     assert all("seg/acc" in r and "restored/loss" in r for r in train_recs)
+    # the loss plot draws every loss term of the three branches and the mixed-patch accuracy
+    from mixreorg.recipes.pretrain import metric_series
+
+    losses, accs = metric_series(out / "metrics.jsonl")
+    assert {"loss", "seg/loss", "original/itc", "restored/itc", "original/ml", "restored/ml"} <= set(losses)
+    assert "seg/acc" in accs and "seg/acc" not in losses and not any("scale" in k for k in losses)
+    assert [s for s, _ in losses["seg/loss"]] == [1, 2, 3]
+    assert (out / "loss.png").is_file()
     from mixreorg.recipes.evaluate import main as eval_main
 
     assert eval_main([str(out), "--size", "8", "--out", str(tmp_path / "ev")]) == 0

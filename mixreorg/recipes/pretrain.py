@@ -379,13 +379,21 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-def plot_metrics(jsonl: Path, png: Path) -> Path | None:
-    """Loss curves (total and parts) of ``metrics.jsonl`` as a PNG (mixreorg.viz); None if empty."""
-    from mixreorg.viz import plot_curves
+#: logged numbers that are neither a loss term nor an accuracy (not drawn in the loss plot)
+_NOT_PLOTTED = ("step", "lr", "img_s", "time_s", "eta_s", "grad_norm", "epoch")
 
-    series: dict[str, list[tuple[float, float]]] = {}
+
+def _is_accuracy(key: str) -> bool:
+    return key.split("/")[-1].startswith(("acc", "pixel_acc"))
+
+
+def metric_series(jsonl: Path) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, float]]]]:
+    """``(losses, accuracies)`` of the training records of ``metrics.jsonl``: ``{key: [(step, value)]}``
+    for every logged loss term and every accuracy (keys ending in ``acc*``)."""
+    losses: dict[str, list[tuple[float, float]]] = {}
+    accs: dict[str, list[tuple[float, float]]] = {}
     if not jsonl.is_file():
-        return None
+        return losses, accs
     for line in jsonl.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -393,12 +401,36 @@ def plot_metrics(jsonl: Path, png: Path) -> Path | None:
             continue
         if rec.get("kind", "train") != "train":
             continue
-        for key in ("loss", "itc", "ml", "seg", "contrast_restored"):
-            if key in rec and rec[key] is not None and math.isfinite(rec[key]):
-                series.setdefault(key, []).append((rec["step"], rec[key]))
-    if not series:
+        for key, value in rec.items():
+            if key in _NOT_PLOTTED or key == "kind" or key.split("/")[-1] == "scale":
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                (accs if _is_accuracy(key) else losses).setdefault(key, []).append((rec["step"], value))
+    return losses, accs
+
+
+def plot_metrics(jsonl: Path, png: Path) -> Path | None:
+    """Every logged loss term (total, contrast of each branch, multi-label, L_seg, ...) over the steps,
+    and below it every accuracy (the mixed-patch accuracy ``seg/acc`` among them), as one PNG; None if
+    ``jsonl`` has no training record."""
+    from PIL import Image
+
+    from mixreorg.viz import plot_curves
+
+    losses, accs = metric_series(jsonl)
+    if not losses:
         return None
-    plot_curves(series, png, title="pretraining losses", xlabel="step", ylabel="loss", smooth=0.6)
+    panels = [plot_curves(losses, title="pretraining losses", xlabel="step", ylabel="loss", smooth=0.6)]
+    if accs:
+        panels.append(plot_curves(accs, title="accuracies (seg/acc: mixed-patch source, chance 1/G)",
+                                  xlabel="step", ylabel="accuracy", smooth=0.6))
+    canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+    y = 0
+    for panel in panels:
+        canvas.paste(panel, (0, y))
+        y += panel.height
+    png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(png)
     return png
 
 
