@@ -422,8 +422,8 @@ def plot_metrics(jsonl: Path, png: Path) -> Path | None:
         return None
     panels = [plot_curves(losses, title="pretraining losses", xlabel="step", ylabel="loss", smooth=0.6)]
     if accs:
-        panels.append(plot_curves(accs, title="accuracies (seg/acc: mixed-patch source, chance 1/G)",
-                                  xlabel="step", ylabel="accuracy", smooth=0.6))
+        title = "accuracies" + (" (seg/acc: source image of each mixed patch, chance 1/G)" if "seg/acc" in accs else "")
+        panels.append(plot_curves(accs, title=title, xlabel="step", ylabel="accuracy", smooth=0.6))
     canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
     y = 0
     for panel in panels:
