@@ -492,3 +492,31 @@ def test_resume_a_checkpoint_written_before_a_config_key_existed(tmp_path: Path)
     changed = tiny_config(tmp_path / "old", 6, **{"train.save_every": 0, "optim.lr": 1e-4})
     with pytest.raises(ValueError, match="optim.lr"):
         train(changed, resume=True, evaluate_at_end=False, quiet=True)
+
+
+def test_supervised_hard_maps_give_each_pixel_its_group_logits(tmp_path: Path) -> None:
+    """``model.supervised_maps=hard``: in training every patch's logits are exactly those of ONE group
+    (the straight-through one-hot map), in eval the soft maps as before; a bad value is refused."""
+    from mixreorg.recipes.supervised import SupervisedSegmenter
+
+    cfg = tiny_config(tmp_path / "sup", **{"model.name": "supervised", "model.supervised_maps": "hard"})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, SupervisedSegmenter) and model.maps == "hard"
+    images = torch.randn(4, 3, 32, 32)
+    model.train()
+    torch.manual_seed(1)
+    out = model.encode_image(images, return_maps=True)
+    hard = {**out, "soft_maps": out["hard_maps"]}
+    logits = model.groupvit.segmentation_logits_from(hard, model.class_embeddings())  # [B, K, h, w] patch grid
+    seg = out["seg_embed"]  # [B, S, D]
+    per_group = torch.einsum("bsd,kd->bsk", seg, model.class_embeddings()) * model.scale()  # [B, S, K]
+    pix = logits.flatten(2).transpose(1, 2)  # [B, h*w, K]
+    dist = (pix[:, :, None, :] - per_group[:, None, :, :]).abs().amax(-1)  # [B, h*w, S]
+    assert dist.amin(-1).max() < 1e-5
+    model.eval()
+    soft = SupervisedSegmenter(model.groupvit, model.class_names, maps="soft").eval()
+    soft.class_embed = model.class_embed
+    torch.testing.assert_close(model.pixel_logits(images), soft.pixel_logits(images))
+    with pytest.raises(ValueError, match="supervised_maps must be soft\\|hard"):
+        tiny_config(tmp_path / "bad", **{"model.supervised_maps": "argmax"})

@@ -93,6 +93,9 @@ class ModelConfig:
     use_checkpoint: activation checkpointing of every transformer block.
     supervised_head: ``--model supervised`` only: ``"groups"`` (through the grouping) or ``"patches"``
         (per-patch classifier before the grouping); see :mod:`mixreorg.recipes.supervised`.
+    supervised_maps: ``--model supervised`` only: the assignment maps the per-pixel loss reads,
+        ``"soft"`` (the softmax maps) or ``"hard"`` (straight-through one-hot: in the forward pass every
+        pixel gets its argmax group's logits, as zero-shot inference labels it).
     """
 
     name: str = "groupvit"
@@ -106,6 +109,7 @@ class ModelConfig:
     mixreorg: dict = field(default_factory=dict)
     use_checkpoint: bool = False
     supervised_head: str = "groups"
+    supervised_maps: str = "soft"
 
 
 @dataclass
@@ -244,6 +248,8 @@ class PretrainConfig:
             problems.append(f"model.image_pool must be mean|assigned, got {self.model.image_pool!r}")
         if self.model.supervised_head not in ("groups", "patches"):
             problems.append(f"model.supervised_head must be groups|patches, got {self.model.supervised_head!r}")
+        if self.model.supervised_maps not in ("soft", "hard"):
+            problems.append(f"model.supervised_maps must be soft|hard, got {self.model.supervised_maps!r}")
         if self.objective.multi_label_pool not in ("image", "max_segment"):
             problems.append(
                 f"objective.multi_label_pool must be image|max_segment, got {self.objective.multi_label_pool!r}"

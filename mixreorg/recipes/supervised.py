@@ -74,6 +74,7 @@ class SupervisedSegmenter(nn.Module):
             the vision weights have exactly the layout of the contrastive models).
         class_names: the K classes (the order of the mask values).
         ignore_index: mask value that is not scored.
+        maps: ``"soft"`` or ``"hard"`` (training only): which assignment maps the per-pixel logits read.
         head: ``"groups"`` (default: through the grouping, as zero-shot inference reads the model) or
             ``"patches"`` (every patch token after the first stage's blocks, before any grouping, is its
             own segment: a plain ViT trained with masks, to tell what the grouping bottleneck costs).
@@ -83,14 +84,18 @@ class SupervisedSegmenter(nn.Module):
     needs_masks = True
 
     def __init__(
-        self, groupvit: GroupViT, class_names: Sequence[str], ignore_index: int = 255, head: str = "groups"
+        self, groupvit: GroupViT, class_names: Sequence[str], ignore_index: int = 255, head: str = "groups",
+        maps: str = "soft",
     ) -> None:
         super().__init__()
         if len(set(class_names)) != len(class_names) or not class_names:
             raise ValueError(f"class_names must be distinct and non-empty, got {list(class_names)}")
         if head not in ("groups", "patches"):
             raise ValueError(f"head must be 'groups' or 'patches', got {head!r}")
+        if maps not in ("soft", "hard"):
+            raise ValueError(f"maps must be 'soft' or 'hard', got {maps!r}")
         self.head = head
+        self.maps = maps
         self.groupvit = groupvit
         # the text side and the multi-label temperature are not used (kept for the checkpoint layout);
         # GroupViT's logit_scale is the temperature of the per-pixel logits
@@ -150,6 +155,8 @@ class SupervisedSegmenter(nn.Module):
     def pixel_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``images [B, 3, H, W] -> logits [B, K, H, W]`` through the composed soft maps."""
         out = self.encode_image(images, return_maps=True)
+        if self.maps == "hard" and self.training:
+            out = {**out, "soft_maps": out["hard_maps"]}  # straight-through one-hot: the argmax group's logits
         return self.groupvit.segmentation_logits_from(out, self.class_embeddings(), tuple(images.shape[-2:]))
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -185,4 +192,5 @@ def build_supervised_trainer(cfg: Any) -> SupervisedSegmenter:
             f"--model supervised needs data.augment=none (the augmentation does not transform the masks), "
             f"got {cfg.data.augment!r}"
         )
-    return SupervisedSegmenter(build_groupvit(cfg), SynthShapes.CLASS_NAMES, head=cfg.model.supervised_head)
+    return SupervisedSegmenter(build_groupvit(cfg), SynthShapes.CLASS_NAMES, head=cfg.model.supervised_head,
+                               maps=cfg.model.supervised_maps)
