@@ -5,6 +5,7 @@ from .grouping import AssignAttention, GroupingBlock, TokenMlp
 from .groupvit import GroupViT, ProjectionHead, assignment_to_image, compose_assignments
 from .mixer import MixedPatchMixer, images_to_patches, mix_images, patches_to_images, restore_images
 from .mixreorg import MixReorg, MixReorgConfig
+from .stem import ConvTrunk, FineTokens
 from .text import TextEncoder
 from .vision import GroupViTStage, GroupViTVisionEncoder, PatchEmbed, interpolate_pos_embed
 from .weights import load_hf_groupvit, load_nvlabs_groupvit
@@ -28,6 +29,8 @@ __all__ = [
     "GroupingBlock",
     "TokenMlp",
     "PatchEmbed",
+    "ConvTrunk",
+    "FineTokens",
     "GroupViTStage",
     "GroupViTVisionEncoder",
     "interpolate_pos_embed",
