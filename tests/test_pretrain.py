@@ -520,3 +520,25 @@ def test_supervised_hard_maps_give_each_pixel_its_group_logits(tmp_path: Path) -
     torch.testing.assert_close(model.pixel_logits(images), soft.pixel_logits(images))
     with pytest.raises(ValueError, match="supervised_maps must be soft\\|hard"):
         tiny_config(tmp_path / "bad", **{"model.supervised_maps": "argmax"})
+
+
+def test_runs_with_deit_augmentation_are_reproducible_across_processes(tmp_path: Path) -> None:
+    """Two real processes with the same seeds and ``data.augment=deit`` end with the same weights (the
+    augmentation draw was seeded by Python's per-process salted ``hash`` before), for GroupViT and
+    MixReorg; each process gets another ``PYTHONHASHSEED``."""
+    sets = [a for s in TINY + ["data.augment=deit"] for a in ("--set", s)]
+    for model in ("groupvit", "mixreorg"):
+        weights = []
+        for run, hashseed in enumerate(("1", "2")):
+            out = tmp_path / f"{model}{run}"
+            cmd = [sys.executable, "-m", "mixreorg.recipes.pretrain", "--model", model, "--steps", "3", "--out",
+                   str(out), "--quiet", "--no-eval", "--threads", "1", *sets]
+            if model == "mixreorg":
+                cmd += ["--set", 'model.mixreorg={"group_size": 4}']
+            env = dict(os.environ, PYTHONHASHSEED=hashseed, PYTHONPATH=str(ROOT))
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            weights.append(load_checkpoint(CheckpointManager(out / "checkpoints").latest())["model"])
+        assert weights[0].keys() == weights[1].keys()
+        for k in weights[0]:
+            torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0, msg=f"{model}: {k}")

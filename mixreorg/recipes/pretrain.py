@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -213,6 +214,12 @@ def build_stream(cfg: PretrainConfig, local_batch: int, rank: int, world: int):
     raise ValueError(f"unknown data.source {d.source!r}")
 
 
+def _stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts`` that is the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 def _augment_synth(images: torch.Tensor, gen: torch.Generator, crop_scale: float) -> torch.Tensor:
     """DeiT-like augmentation of an already normalised batch: random resized crop + horizontal flip."""
     b, _, h, w = images.shape
@@ -272,7 +279,9 @@ class BatchBuilder:
         captions = list(raw["caption"])
         images = raw["image"]
         if cfg.data.augment == "deit" and cfg.data.source == "synthshapes":
-            gen = torch.Generator().manual_seed(hash((cfg.data.seed, step, self.rank, "aug")) & 0x7FFFFFFF)
+            # a pure function of (seed, step, rank): Python's hash() of a tuple with a str is salted per
+            # process (PYTHONHASHSEED), which made two runs with the same seeds train on other crops
+            gen = torch.Generator().manual_seed(_stable_seed(cfg.data.seed, step, self.rank, "aug"))
             images = _augment_synth(images, gen, cfg.data.crop_scale)
         nouns = raw.get("nouns")
         if nouns is None:
