@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -542,3 +543,24 @@ def test_runs_with_deit_augmentation_are_reproducible_across_processes(tmp_path:
         assert weights[0].keys() == weights[1].keys()
         for k in weights[0]:
             torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0, msg=f"{model}: {k}")
+
+
+def test_prompt_keys_name_the_noun_each_prompt_was_built_from(tmp_path: Path) -> None:
+    """Template words that are nouns of the caption too ("a painting of the {}.") do not fool the
+    prompt keys: each key is the noun the prompt was made from, the caption for fillers."""
+    from mixreorg.recipes.pretrain import BatchBuilder
+    from mixreorg.text import make_prompts
+
+    ps, ns = make_prompts("a dog.", 3, 0, nouns=["dog"], templates=["a painting of the {}."], return_nouns=True)
+    assert ps == ["a painting of the dog.", "a dog.", "a dog."] and ns == ["dog", None, None]
+    cfg = tiny_config(tmp_path / "pk", **{"data.num_prompts": 2})
+    builder = BatchBuilder(cfg, context_length=32)
+    # "photo" is a word of most CLIP templates ("a photo of the {}."): the old substring match gave it
+    raw = {"image": torch.zeros(1, 3, 32, 32), "caption": ["a photo and a dog."], "nouns": [["photo", "dog"]]}
+    for step in range(20):  # many template draws: every key must be the prompt's own noun
+        batch = builder(raw, step)
+        rng = random.Random(f"{cfg.data.seed}/{step}/0")
+        expect_prompts, expect_nouns = make_prompts(raw["caption"][0], 2, rng, nouns=raw["nouns"][0],
+                                                    return_nouns=True)
+        assert batch["prompt_keys"] == [expect_nouns]
+        assert sorted(batch["prompt_keys"][0]) == ["dog", "photo"]

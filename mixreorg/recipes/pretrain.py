@@ -294,16 +294,9 @@ class BatchBuilder:
             k = cfg.data.num_prompts
             prompts, pkeys = [], []
             for cap, ns in zip(captions, nouns):
-                ps = make_prompts(cap, k, rng, nouns=ns)
-                unique = list(dict.fromkeys(ns))
-                # make_prompts puts the prompts of distinct nouns first, then the caption as filler
-                used = [n for n in unique if any(p != cap and f" {n}" in f" {p}" for p in ps)]
-                keys = []
-                for p in ps:
-                    match = next((n for n in used if p != cap and f" {n}" in f" {p}"), None)
-                    keys.append(match if match is not None else cap)
+                ps, from_nouns = make_prompts(cap, k, rng, nouns=ns, return_nouns=True)
                 prompts.extend(ps)
-                pkeys.append(keys)
+                pkeys.append([cap if n is None else n for n in from_nouns])  # filler prompts: the caption
             batch["prompts"] = _trim(self._tokens(prompts, cache=True)).reshape(len(captions), k, -1)
             batch["prompt_keys"] = pkeys
             batch["label_keys"] = [list(dict.fromkeys(list(ns) + [cap])) for cap, ns in zip(captions, nouns)]

@@ -149,7 +149,8 @@ def make_prompts(
     nouns: Sequence[str] | None = None,
     vocabulary: Iterable[str] | None = None,
     templates: Sequence[str] = PROMPT_TEMPLATES,
-) -> list[str]:
+    return_nouns: bool = False,
+) -> list[str] | tuple[list[str], list[str | None]]:
     """``k`` multi-label prompts for ``caption``.
 
     Args:
@@ -161,9 +162,13 @@ def make_prompts(
         vocabulary: passed to :func:`~mixreorg.text.nouns.extract_nouns`.
         templates: strings with one ``{}``.
 
+        return_nouns: also return which noun each prompt was built from (None for the caption
+            fillers): the only reliable way to know it, since template words can be nouns too
+            ("a painting of the dog." holds "painting").
+
     Returns:
         ``k`` strings: ``min(k, len(nouns))`` template prompts for distinct nouns, then the caption
-        repeated for the remaining slots.
+        repeated for the remaining slots; with ``return_nouns``, ``(prompts, nouns)``.
     """
     if not isinstance(caption, str):
         raise ValueError(f"caption must be a str, got {type(caption).__name__}")
@@ -185,4 +190,7 @@ def make_prompts(
     nouns = list(dict.fromkeys(nouns))
     picked = [nouns[i] for i in _choice_indices(rng, len(nouns), min(k, len(nouns)))]
     prompts = [templates[_randint(rng, len(templates))].format(noun) for noun in picked]
-    return prompts + [caption] * (k - len(prompts))
+    fill = k - len(prompts)
+    if return_nouns:
+        return prompts + [caption] * fill, [*picked, *([None] * fill)]
+    return prompts + [caption] * fill
