@@ -89,6 +89,8 @@ def test_fine_grouping_encoder_shapes_and_gradients():
     g = enc.stages[0].init_group_tokens(3)
     with pytest.raises(ValueError, match="skip="):
         enc.forward_from_stage1_output(xe, g, grid=(4, 4))
+    with pytest.raises(ValueError, match="groups a finer grid"):
+        enc.forward_stage(0, xe)
 
 
 def test_plain_encoder_unchanged_by_the_option():

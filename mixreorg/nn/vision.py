@@ -507,6 +507,12 @@ class GroupViTVisionEncoder(nn.Module):
         self, i: int, x: torch.Tensor, prev_group_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Stage ``i``: ``(x_out, group_tokens_after_blocks, hard, soft)`` (see GroupViTStage)."""
+        if i == 0 and self.fine_tokens is not None:
+            # the stage's grouping would assign the coarse tokens, not the fine grid it was trained on
+            raise ValueError(
+                "this encoder groups a finer grid (group_patch_size): run stage 0's blocks with "
+                "stages[0].forward_blocks, then forward_from_stage_output(0, ..., skip=, grid=)"
+            )
         return self.stages[i](x, prev_group_tokens)
 
     def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
