@@ -67,9 +67,11 @@ def test_masks_and_labels(gen: SynthShapes, batch: dict) -> None:
         assert np.array_equal(present, batch["labels"][i])
         stuff = np.flatnonzero(present[:4])
         assert len(stuff) == 1 and SynthShapes.STUFF[stuff[0]] == batch["background"][i]
-        n_obj = len(batch["objects"][i])
-        assert 1 <= n_obj <= 4
-        assert 1 <= present[4:].sum() <= n_obj
+        objs = batch["objects"][i]
+        assert gen.config.min_objects <= len(objs) <= gen.config.max_objects
+        # the thing classes in the mask are exactly the classes of the objects left visible
+        visible = {o["class"] for o in objs if o["visible"] > 0}
+        assert {SynthShapes.CLASS_NAMES[c] for c in np.flatnonzero(present[4:]) + 4} == visible
     counts = Counter(len(o) for o in batch["objects"])
     assert set(counts) == {1, 2, 3, 4}
     # sizes vary: the pixel area of single-object images spans a wide range

@@ -230,7 +230,7 @@ def test_load_from_files(hf_small, tmp_path):
 
 
 class _Opaque:
-    pass
+    """A non-tensor object: unpickling it needs code, which weights_only loading refuses."""
 
 
 def test_hf_bad_state_dict_names_the_keys(hf_small):

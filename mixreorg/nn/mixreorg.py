@@ -293,15 +293,11 @@ class MixReorg(nn.Module):
         ml = gv.multi_label_logit_scale if gv.multi_label_logit_scale is not None else gv.logit_scale
         out["multi_label_logit_scale"] = ml
         out["mixed_assign"] = compose_assignments(out["mixed"][f"{self.config.seg_maps}_maps"])
-        out["mixed_labels"] = self.mixed_labels(out["plan"], out["grid"])
+        out["mixed_labels"] = self.mixed_labels(out["plan"])
         return out
 
-    def mixed_labels(self, plan: MixPlan, grid: tuple[int, int]) -> torch.Tensor:
+    def mixed_labels(self, plan: MixPlan) -> torch.Tensor:
         """Source image (in its group) of every token the first grouping assigns ``[B, N_0]``: the plan's
         labels, each repeated over the ``f x f`` fine tokens of its patch for a fine-grouping encoder."""
         f = self.vision.fine_factor
-        if f == 1:
-            return plan.labels
-        h, w = grid
-        lab = plan.labels.view(-1, h, w)  # [B, h, w]
-        return lab.repeat_interleave(f, dim=1).repeat_interleave(f, dim=2).reshape(lab.shape[0], h * f * w * f)
+        return plan.labels if f == 1 else plan.pixel_labels(f).flatten(1)  # [B, (h f)(w f)]
