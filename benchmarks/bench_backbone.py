@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import torch
+from _steps import train_step
 
 from mixreorg.losses import GroupViTContrastive, MixReorgLoss
 from mixreorg.nn import GroupViT, MixReorg
@@ -46,23 +47,12 @@ def test_backbone_step_throughput_interleaved(capsys):
     nets = {(k, o): _build(k, extra) for k in ("groupvit", "mixreorg") for o, extra in OPTIONS.items()}
     opts = {key: torch.optim.AdamW(net.parameters(), lr=1e-4) for key, net in nets.items()}
 
-    def step(key):
-        net = nets[key]
-        if key[0] == "groupvit":
-            loss = objective(net.encode_image(images)["image_embed"], net.encode_text(ids),
-                             logit_scale=net.logit_scale)["loss"]
-        else:
-            loss = mix_loss(net(images, ids))["loss"]
-        opts[key].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[key].step()
-
     best = dict.fromkeys(nets, float("inf"))
     keys = list(nets)
     for r in range(6):
         for key in keys if r % 2 == 0 else keys[::-1]:
             t = time.perf_counter()
-            step(key)
+            train_step(nets[key], images, ids, opts[key], objective, mix_loss)
             if r > 0:  # round 0 warms up
                 best[key] = min(best[key], time.perf_counter() - t)
     with capsys.disabled():

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from _report import record
+from _steps import train_step
 
 from mixreorg.losses import GroupViTContrastive, MixReorgLoss
 from mixreorg.nn import GroupViT, MixReorg
@@ -50,14 +51,7 @@ def test_train_step(benchmark, model):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
     def step():
-        if model == "groupvit":
-            loss = objective(gv.encode_image(images)["image_embed"], gv.encode_text(ids),
-                             logit_scale=gv.logit_scale)["loss"]
-        else:
-            loss = loss_fn(mr(images, ids))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(net, images, ids, opt, objective, loss_fn)
 
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     record(benchmark, case=f"train step B={B} 64px w128 depths(4,2,2)", impl=model, nbytes=0, baseline="groupvit")
@@ -73,15 +67,10 @@ def test_train_step_ratio_interleaved(capsys):
     opts = {"groupvit": torch.optim.AdamW(gv.parameters(), lr=1e-4),
             "mixreorg": torch.optim.AdamW(mr.parameters(), lr=1e-4)}
 
+    nets = {"groupvit": gv, "mixreorg": mr}
+
     def step(model):
-        if model == "groupvit":
-            loss = objective(gv.encode_image(images)["image_embed"], gv.encode_text(ids),
-                             logit_scale=gv.logit_scale)["loss"]
-        else:
-            loss = loss_fn(mr(images, ids))["loss"]
-        opts[model].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[model].step()
+        train_step(nets[model], images, ids, opts[model], objective, loss_fn)
 
     best = {"groupvit": float("inf"), "mixreorg": float("inf")}
     for r in range(7):
