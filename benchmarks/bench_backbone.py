@@ -14,7 +14,7 @@ import time
 import torch
 from _steps import train_step
 
-from mixreorg.losses import GroupViTContrastive, MixReorgLoss
+from mixreorg.losses import ContrastiveObjective, MixReorgLoss
 from mixreorg.nn import GroupViT, MixReorg
 from mixreorg.recipes.config import get_preset
 
@@ -43,7 +43,7 @@ def test_backbone_step_throughput_interleaved(capsys):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(B, 3, 64, 64, generator=g)
     ids = torch.randint(1, 1000, (B, 32), generator=g)
-    objective, mix_loss = GroupViTContrastive(), MixReorgLoss(GroupViTContrastive())
+    objective, mix_loss = ContrastiveObjective(), MixReorgLoss(ContrastiveObjective())
     nets = {(k, o): _build(k, extra) for k in ("groupvit", "mixreorg") for o, extra in OPTIONS.items()}
     opts = {key: torch.optim.AdamW(net.parameters(), lr=1e-4) for key, net in nets.items()}
 

@@ -15,7 +15,7 @@ import torch
 from _report import record
 from _steps import train_step
 
-from mixreorg.losses import GroupViTContrastive, MixReorgLoss
+from mixreorg.losses import ContrastiveObjective, MixReorgLoss
 from mixreorg.nn import GroupViT, MixReorg
 from mixreorg.nn.groupvit import compose_assignments
 
@@ -45,7 +45,7 @@ def _models():
 def test_train_step(benchmark, model):
     images, ids = _data()
     gv, mr = _models()
-    objective = GroupViTContrastive()
+    objective = ContrastiveObjective()
     loss_fn = MixReorgLoss(objective)
     net = gv if model == "groupvit" else mr
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -62,7 +62,7 @@ def test_train_step_ratio_interleaved(capsys):
     best of the rounds for each, and their ratio (issue 4's goal on CPU: <= 2.5x)."""
     images, ids = _data()
     gv, mr = _models()
-    objective = GroupViTContrastive()
+    objective = ContrastiveObjective()
     loss_fn = MixReorgLoss(objective)
     opts = {"groupvit": torch.optim.AdamW(gv.parameters(), lr=1e-4),
             "mixreorg": torch.optim.AdamW(mr.parameters(), lr=1e-4)}

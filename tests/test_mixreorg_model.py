@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixreorg.losses import MixReorgLoss, canonical_caption_index
+from mixreorg.losses import ContrastiveObjective, MixReorgLoss, canonical_caption_index
 from mixreorg.nn import GroupViT, MixReorg
 from mixreorg.nn.groupvit import compose_assignments
 from mixreorg.ops import MixPlan, mix_reference
@@ -13,6 +13,11 @@ from mixreorg.ops import MixPlan, mix_reference
 TINY_VISION = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depths=(2, 1, 1),
                    num_group_tokens=(8, 4, 0), num_output_groups=(8, 4), drop_path_rate=0.0)
 TINY_TEXT = dict(context_length=12, width=32, layers=1, heads=2)
+
+
+def _no_prompts() -> ContrastiveObjective:
+    # these batches carry no noun prompts: the multi-label term is switched off explicitly
+    return ContrastiveObjective(multi_label_weight=0.0)
 
 
 def tiny(seed=0, **cfg):
@@ -39,7 +44,7 @@ def test_branches_shapes_and_plan_labels_are_the_seg_targets():
         assert out[name]["image_embed"].shape == (8, 16)
         assert out[name]["seg_embed"].shape == (8, 4, 16)
     assert out["mixed_assign"].shape == (8, 4, 16)
-    losses = MixReorgLoss()(out)
+    losses = MixReorgLoss(_no_prompts())(out)
     seg = MixReorgLoss().seg(out["mixed_assign"], out["mixed"]["seg_embed"], out["text_embed"], plan, 1.0)
     assert seg["logits"].shape == (8, 16, 4)
     # L_seg targets are exactly the plan's labels: a loss computed by hand from the logits agrees
@@ -123,9 +128,9 @@ def test_ablation_switches_change_what_they_should_and_nothing_else():
     assert not torch.allclose(outs[0]["mixed"]["image_embed"], outs[2]["mixed"]["image_embed"])
     # loss switches: a zero weight removes exactly that term
     out = tiny()(images, ids, plan=plan)
-    full = MixReorgLoss()(out)
-    no_seg = MixReorgLoss(seg_weight=0)(out)
-    no_rest = MixReorgLoss(restored_weight=0)(out)
+    full = MixReorgLoss(_no_prompts())(out)
+    no_seg = MixReorgLoss(_no_prompts(), seg_weight=0)(out)
+    no_rest = MixReorgLoss(_no_prompts(), restored_weight=0)(out)
     assert torch.allclose(full["loss"] - no_seg["loss"], full["seg/loss"])
     assert torch.allclose(full["loss"] - no_rest["loss"], full["restored/loss"])
     assert "restored/loss" not in no_rest
@@ -192,7 +197,7 @@ def test_tiny_mixreorg_overfits_a_fixed_batch():
     ids[:, 0], ids[:, -1] = 49406, 49407
     plan_gen = torch.Generator().manual_seed(1)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
-    loss_fn = MixReorgLoss()
+    loss_fn = MixReorgLoss(_no_prompts())
     history = []
     for _ in range(60):
         logs = loss_fn(m(images, ids, generator=plan_gen))  # a fresh plan every step

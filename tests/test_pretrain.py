@@ -1,4 +1,4 @@
-"""Pretraining recipe: objective, config, schedule, CLI end to end, exact resume, NaN stop, DDP."""
+"""Pretraining recipe: config, schedule, CLI end to end, exact resume, NaN stop, DDP."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mixreorg.checkpoint import CheckpointManager, load_checkpoint
-from mixreorg.losses import ImageTextContrastiveLoss
 from mixreorg.recipes.config import PretrainConfig, apply_overrides, get_preset
 from mixreorg.recipes.models import build_model, no_weight_decay_names
-from mixreorg.recipes.objective import ContrastiveObjective
 from mixreorg.recipes.pretrain import NaNLossError, WarmupCosine, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,61 +50,6 @@ def tiny_config(out: Path, steps: int = 6, **extra: object) -> PretrainConfig:
     apply_overrides(cfg, TINY)
     apply_overrides(cfg, {"train.steps": steps, "train.out_dir": str(out), **extra})
     return cfg.validate()
-
-
-# ---------------------------------------------------------------------------------------------- objective
-def _embeds(b: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return (F.normalize(torch.randn(b, d, generator=g), dim=-1), F.normalize(torch.randn(b, d, generator=g), dim=-1))
-
-
-def test_softmax_objective_equals_infonce_without_keys() -> None:
-    img, txt = _embeds()
-    scale = torch.tensor(math.log(10.0))
-    obj = ContrastiveObjective("softmax", multi_positive=False, multi_label_weight=0.0)
-    out = obj(img, txt, logit_scale=scale)
-    ref = ImageTextContrastiveLoss()(img, txt, scale)
-    torch.testing.assert_close(out["loss"], ref)
-
-
-def test_sigmoid_objective_matches_formula_and_multi_positive() -> None:
-    img, txt = _embeds()
-    obj = ContrastiveObjective("sigmoid", multi_positive=True, multi_label_weight=0.0, bias_init=-3.0)
-    keys = ["a", "b", "a", "c", "d", "b"]
-    out = obj(img, txt, logit_scale=torch.tensor(math.log(5.0)), text_keys=keys)
-    pos = torch.tensor([[ki == kj for kj in keys] for ki in keys])
-    logits = 5.0 * img @ txt.t() - 3.0
-    ref = -F.logsigmoid(torch.where(pos, logits, -logits)).sum() / 6
-    torch.testing.assert_close(out["loss"], ref)
-    # without keys only the diagonal is positive
-    out1 = obj(img, txt, logit_scale=torch.tensor(math.log(5.0)))
-    ref1 = -F.logsigmoid(torch.where(torch.eye(6, dtype=torch.bool), logits, -logits)).sum() / 6
-    torch.testing.assert_close(out1["loss"], ref1)
-
-
-def test_prompt_positives_follow_label_keys() -> None:
-    img, _ = _embeds(3, 8)
-    txt = img.clone()
-    prompts = F.normalize(torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
-    pkeys = [["circle", "grass"], ["square", "cap1"], ["circle", "sky"]]
-    labels = [["circle", "grass"], ["square", "cap1"], ["circle", "sky", "square"]]
-    obj = ContrastiveObjective("sigmoid", multi_positive=False, multi_label_weight=1.0, bias_init=0.0)
-    out = obj(img, txt, logit_scale=torch.tensor(0.0), prompt_embed=prompts, prompt_keys=pkeys, label_keys=labels)
-    flat_keys = [k for p in pkeys for k in p]
-    pos = torch.tensor([[k in set(lab) for k in flat_keys] for lab in labels])
-    logits = img @ prompts.reshape(6, 8).t()
-    ref = -F.logsigmoid(torch.where(pos, logits, -logits)).sum() / 3
-    torch.testing.assert_close(out["ml"], ref)
-    with pytest.raises(ValueError, match="prompt_embed"):
-        obj(img, txt, logit_scale=torch.tensor(0.0))
-
-
-def test_objective_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="loss must be"):
-        ContrastiveObjective("hinge")
-    img, txt = _embeds()
-    with pytest.raises(ValueError, match="same shape"):
-        ContrastiveObjective()(img, txt[:3], logit_scale=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- config

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.plan import MixPlan
-from .contrastive import ImageTextContrastiveLoss, MultiLabelContrastiveLoss
+from .contrastive import MAX_LOGIT_SCALE, logit_scale_value
+from .objective import ContrastiveObjective
 
-__all__ = ["MixedSegmentationLoss", "GroupViTContrastive", "MixReorgLoss", "canonical_caption_index"]
+__all__ = ["MixedSegmentationLoss", "MixReorgLoss", "canonical_caption_index"]
 
 
 def canonical_caption_index(keys: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -72,43 +73,13 @@ class MixedSegmentationLoss(nn.Module):
         return {"loss": loss, "acc": acc, "logits": logits.view(B, L, G)}
 
 
-class GroupViTContrastive(nn.Module):
-    """GroupViT's image-text objective: InfoNCE + (if prompts are given) the multi-label loss.
-
-    ``forward(image_embed, text_embed, *, prompt_embed=None, logit_scale, multi_label_scale)``
-    -> ``dict(loss, itc, multi_label, acc)``; scales in log space, as :mod:`mixreorg.losses`.
-    Any module with this signature can replace it in :class:`MixReorgLoss`.
-    """
-
-    def __init__(self, multi_label_weight: float = 1.0) -> None:
-        super().__init__()
-        self.itc = ImageTextContrastiveLoss()
-        self.multi_label = MultiLabelContrastiveLoss()
-        self.multi_label_weight = multi_label_weight
-
-    def forward(self, image_embed, text_embed, *, prompt_embed=None, logit_scale, multi_label_scale=None,
-                **_unused) -> dict:
-        itc = self.itc(image_embed, text_embed, logit_scale)
-        out = {"itc": itc}
-        loss = itc
-        if prompt_embed is not None and self.multi_label_weight:
-            ml = self.multi_label(image_embed, prompt_embed,
-                                  logit_scale if multi_label_scale is None else multi_label_scale)
-            out["multi_label"] = ml
-            loss = loss + self.multi_label_weight * ml
-        with torch.no_grad():
-            sim = image_embed @ text_embed.t()
-            out["acc"] = (sim.argmax(-1) == torch.arange(sim.shape[0], device=sim.device)).float().mean()
-        out["loss"] = loss
-        return out
-
-
 class MixReorgLoss(nn.Module):
     """The total MixReorg loss over the dict returned by ``MixReorg.forward``.
 
     Args:
         contrastive: the image-text objective applied to the original and restored branches
-            (default :class:`GroupViTContrastive`); the same module serves every compared model.
+            (default: :class:`ContrastiveObjective` with GroupViT's defaults); the same module serves
+            every compared model.
         seg_weight, original_weight, restored_weight: loss weights (paper: 1, 1, 1); a weight
             of 0 switches that term off (the ablations of Table 6).
         merge_duplicate_captions: treat identical captions inside a group as one class in L_seg.
@@ -118,7 +89,7 @@ class MixReorgLoss(nn.Module):
                  original_weight: float = 1.0, restored_weight: float = 1.0,
                  merge_duplicate_captions: bool = True) -> None:
         super().__init__()
-        self.contrastive = contrastive if contrastive is not None else GroupViTContrastive()
+        self.contrastive = contrastive if contrastive is not None else ContrastiveObjective()
         self.seg = MixedSegmentationLoss()
         self.seg_weight, self.original_weight, self.restored_weight = seg_weight, original_weight, restored_weight
         self.merge_duplicate_captions = merge_duplicate_captions
@@ -134,7 +105,8 @@ class MixReorgLoss(nn.Module):
             c = self.contrastive(out[name]["image_embed"], out["text_embed"], **kw)
             total = total + w * c["loss"]
             logs.update({f"{name}/{k}": v for k, v in c.items()})
-        scale = out["logit_scale"].exp().clamp(max=100)
+        max_scale = getattr(self.contrastive, "max_logit_scale", MAX_LOGIT_SCALE)
+        scale = logit_scale_value(out["logit_scale"], max_scale, out["text_embed"])
         seg = self.seg(out["mixed_assign"], out["mixed"]["seg_embed"], out["text_embed"], out["plan"], scale,
                        caption_keys if self.merge_duplicate_captions else None, labels=out.get("mixed_labels"))
         if self.seg_weight:

@@ -114,7 +114,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """:class:`mixreorg.recipes.objective.ContrastiveObjective` switches (same for every model)."""
+    """:class:`mixreorg.losses.ContrastiveObjective` switches (same for every model)."""
 
     loss: str = "softmax"
     multi_positive: bool = False

@@ -3,7 +3,7 @@ Table 6 presets), trained with the same image-text objective as every compared m
 
 ``training_losses(batch)``: one step's three branches (original, mixed, restored) and
 ``L = w_seg * L_seg(mixed) + L_contrast(original) + w_rest * L_contrast(restored)``, where each
-contrast is the shared :class:`~mixreorg.recipes.objective.ContrastiveObjective`.
+contrast is the shared :class:`~mixreorg.losses.ContrastiveObjective`.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixreorg.losses import ContrastiveObjective
 from mixreorg.nn.groupvit import GroupViT, assigned_pool
 
 from .config import PretrainConfig
-from .objective import ContrastiveObjective
 
 __all__ = [
     "IMAGE_POOLS",

@@ -1,0 +1,232 @@
+"""The image-text objective every compared model trains with (GroupViT, GroupViT+, MixReorg).
+
+:class:`ContrastiveObjective` ties L2-normalised image embeddings to the embeddings of their captions
+and, optionally, of their noun prompts (GroupViT's multi-label loss). It composes the two terms of
+:mod:`mixreorg.losses.contrastive` (the same functions the standalone losses run). Its defaults are
+GroupViT's as published; the recipe's tiny preset changes some of them, by measurement (see
+:func:`mixreorg.recipes.config.get_preset`):
+
+* ``loss="softmax"``: CLIP InfoNCE in both directions (GroupViT). ``loss="sigmoid"``: SigLIP's
+  pairwise binary loss ``-sum_ij log sigmoid(z_ij (s <x_i, t_j> + b)) / B`` with ``z_ij = +1`` for
+  positives and ``-1`` otherwise, a learnable bias ``b`` (init -10).
+* ``multi_positive`` (default off): texts with equal keys (``text_keys``: e.g. identical captions,
+  or the same set of nouns) are positives of each other's images, instead of contradicting one-hot
+  targets.
+* ``multi_label_pool="max_segment"``: an image scores a noun prompt by its best-matching SEGMENT
+  (``seg_embed``) instead of its pooled embedding, so that single segments, not only their mean,
+  must carry the nouns (what zero-shot segmentation reads).
+* ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
+  of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
+  image ``i``'s label keys (default: the keys of its own prompts).
+
+Keys are hashed with :func:`mixreorg.losses.keys_to_ids` so that equal keys agree across processes;
+integer id tensors are accepted as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mixreorg.distributed import get_rank, is_distributed
+
+from .contrastive import (
+    LOSS_FORMS,
+    MAX_LOGIT_SCALE,
+    caption_loss,
+    keys_to_ids,
+    logit_scale_value,
+    prompt_loss,
+)
+
+__all__ = ["ContrastiveObjective", "MULTI_LABEL_POOLS"]
+
+MULTI_LABEL_POOLS = ("image", "max_segment")
+
+
+def _ids(keys: Sequence[Hashable] | torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Keys (hashables, nested one level for ``[B][K]``) or an integer tensor -> int64 ids of ``shape``."""
+    if isinstance(keys, torch.Tensor):
+        ids = keys
+    else:
+        rows = list(keys)
+        if len(shape) == 2:
+            if len(rows) != shape[0] or any(len(r) != shape[1] for r in rows):
+                raise ValueError(f"{name} must be [B={shape[0]}][K={shape[1]}]")
+            rows = [key for r in rows for key in r]
+        elif len(rows) != shape[0]:
+            raise ValueError(f"{name} has {len(rows)} entries for a batch of {shape[0]}")
+        ids = keys_to_ids(rows).view(shape)
+    if ids.shape != shape or ids.is_floating_point():
+        raise ValueError(f"{name} must be integer ids of shape {list(shape)}, got {ids.dtype} {tuple(ids.shape)}")
+    return ids
+
+
+class ContrastiveObjective(nn.Module):
+    """The image-text objective (see the module docstring).
+
+    Args:
+        loss: ``"softmax"`` (InfoNCE) or ``"sigmoid"`` (SigLIP).
+        multi_positive: texts with equal ``text_keys`` count as positives of each other's images.
+        multi_label_weight: weight of the prompt loss (0: off; it then needs no prompts).
+        multi_label_pool: how an image scores a prompt: ``"image"`` (its pooled embedding, GroupViT)
+            or ``"max_segment"`` (its best-matching segment embedding; needs ``seg_embed``).
+        bias_init: initial bias of the sigmoid form for the captions (SigLIP: -10, i.e. about
+            ``-log(batch)`` of a 32k batch); ml_bias_init: the prompts' bias (default: ``bias_init``).
+        learn_bias: make the biases learnable (sigmoid form).
+        max_logit_scale: clamp of ``exp(logit_scale)``.
+        gather: gather embeddings across ranks when distributed.
+
+    Forward (keyword-only after the embeddings)::
+
+        objective(image_embed [B, D], text_embed [B, D], *, logit_scale,
+                  prompt_embed [B, K, D] | None = None, multi_label_scale | None = None,
+                  text_keys: list[hashable] | LongTensor [B] | None = None,
+                  prompt_keys: list[list[hashable]] | LongTensor [B, K] | None = None,
+                  label_keys: list[iterable[hashable]] | None = None,
+                  seg_embed [B, S, D] | None = None)
+        -> dict(loss, itc, [ml], acc_i2t, acc_t2i, scale, [bias])
+
+    ``logit_scale`` / ``multi_label_scale`` are LOG-space scalars (the model's parameters).
+    ``prompt_keys[j][k]`` names prompt ``(j, k)`` (its noun); ``label_keys[i]`` lists what image ``i``
+    shows (default: its own prompts' keys). The returned ``acc_*`` are in-batch retrieval accuracies
+    (top-1 is one of the positives), detached floats. Logits are float32 (at least), also under
+    autocast.
+    """
+
+    def __init__(
+        self,
+        loss: str = "softmax",
+        *,
+        multi_positive: bool = False,
+        multi_label_weight: float = 1.0,
+        multi_label_pool: str = "image",
+        bias_init: float = -10.0,
+        ml_bias_init: float | None = None,
+        learn_bias: bool = True,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSS_FORMS:
+            raise ValueError(f"loss must be one of {LOSS_FORMS}, got {loss!r}")
+        if multi_label_pool not in MULTI_LABEL_POOLS:
+            raise ValueError(f"multi_label_pool must be one of {MULTI_LABEL_POOLS}, got {multi_label_pool!r}")
+        if multi_label_weight < 0:
+            raise ValueError(f"multi_label_weight must be >= 0, got {multi_label_weight}")
+        self.loss_form = loss
+        self.multi_positive = bool(multi_positive)
+        self.multi_label_weight = float(multi_label_weight)
+        self.multi_label_pool = multi_label_pool
+        self.max_logit_scale = float(max_logit_scale)
+        self.gather = bool(gather)
+        if loss == "sigmoid":
+            self.bias = nn.Parameter(torch.tensor(float(bias_init)), requires_grad=learn_bias)
+            ml_init = bias_init if ml_bias_init is None else ml_bias_init
+            self.ml_bias = nn.Parameter(torch.tensor(float(ml_init)), requires_grad=learn_bias)
+        else:
+            self.register_parameter("bias", None)
+            self.register_parameter("ml_bias", None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"loss={self.loss_form!r}, multi_positive={self.multi_positive}, "
+            f"multi_label_weight={self.multi_label_weight}, multi_label_pool={self.multi_label_pool!r}"
+        )
+
+    def _label_ids(self, label_keys: Sequence[Iterable[Hashable]], batch: int, device) -> torch.Tensor:
+        """Padded ``[B, M]`` ids of every image's label keys (-1 = padding), same M on every rank."""
+        sets = [list(dict.fromkeys(k)) for k in label_keys]
+        if len(sets) != batch:
+            raise ValueError(f"label_keys has {len(sets)} entries for a batch of {batch}")
+        m = max(1, max(len(s) for s in sets))
+        if self.gather and is_distributed():
+            t = torch.tensor([m], dtype=torch.long, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            m = int(t.item())
+        out = torch.full((batch, m), -1, dtype=torch.long)
+        for i, s in enumerate(sets):
+            if s:
+                out[i, : len(s)] = keys_to_ids(s)
+        return out.to(device)
+
+    def _retrieval_accuracy(self, logits: torch.Tensor, pos: torch.Tensor) -> tuple[float, float]:
+        batch = logits.shape[0]
+        offset = get_rank() * batch if self.gather and is_distributed() else 0
+        rows = torch.arange(batch, device=logits.device)
+        acc_i2t = pos[rows, logits.argmax(-1)].float().mean().item()
+        top_t = logits[:, offset : offset + batch].argmax(0)  # within this rank's batch
+        acc_t2i = pos[top_t, rows + offset].float().mean().item()
+        return acc_i2t, acc_t2i
+
+    def forward(
+        self,
+        image_embed: torch.Tensor,
+        text_embed: torch.Tensor,
+        *,
+        logit_scale: torch.Tensor | float,
+        prompt_embed: torch.Tensor | None = None,
+        multi_label_scale: torch.Tensor | float | None = None,
+        text_keys: Sequence[Hashable] | torch.Tensor | None = None,
+        prompt_keys: Sequence[Sequence[Hashable]] | torch.Tensor | None = None,
+        label_keys: Sequence[Iterable[Hashable]] | None = None,
+        seg_embed: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        if image_embed.ndim != 2 or image_embed.shape != text_embed.shape:
+            raise ValueError(
+                "image_embed and text_embed must both be [B, D] of the same shape, got "
+                f"{tuple(image_embed.shape)} and {tuple(text_embed.shape)}"
+            )
+        batch, dim = image_embed.shape
+        if batch == 0:
+            raise ValueError("empty batch")
+        scale = logit_scale_value(logit_scale, self.max_logit_scale, image_embed)
+        ids = _ids(text_keys, "text_keys", (batch,)) if self.multi_positive and text_keys is not None else None
+        itc, logits, pos = caption_loss(
+            image_embed, text_embed, scale, ids=ids, form=self.loss_form, bias=self.bias, gather=self.gather
+        )
+        with torch.no_grad():
+            acc_i2t, acc_t2i = self._retrieval_accuracy(logits, pos)
+        out: dict[str, Any] = {"itc": itc, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i, "scale": float(scale.detach())}
+        if self.bias is not None:
+            out["bias"] = float(self.bias.detach())
+        loss = itc
+        if self.multi_label_weight > 0:
+            ml = self._multi_label(
+                image_embed, prompt_embed, seg_embed, logit_scale if multi_label_scale is None else multi_label_scale,
+                prompt_keys, label_keys,
+            )
+            out["ml"] = ml
+            loss = loss + self.multi_label_weight * ml
+        out["loss"] = loss
+        return out
+
+    def _multi_label(self, image_embed, prompt_embed, seg_embed, log_scale, prompt_keys, label_keys) -> torch.Tensor:
+        batch, dim = image_embed.shape
+        if prompt_embed is None:
+            raise ValueError("multi_label_weight > 0 needs prompt_embed [B, K, D] (or set it to 0)")
+        if prompt_embed.ndim != 3 or prompt_embed.shape[0] != batch or prompt_embed.shape[2] != dim:
+            raise ValueError(f"prompt_embed must be [B={batch}, K, D={dim}], got {tuple(prompt_embed.shape)}")
+        k = prompt_embed.shape[1]
+        prompt_ids = label_ids = None
+        if prompt_keys is not None:
+            prompt_ids = _ids(prompt_keys, "prompt_keys", (batch, k))
+            if label_keys is not None:
+                label_ids = self._label_ids(label_keys, batch, image_embed.device)
+        if self.multi_label_pool == "max_segment":
+            if seg_embed is None or seg_embed.ndim != 3 or seg_embed.shape[0] != batch or seg_embed.shape[2] != dim:
+                raise ValueError(
+                    "multi_label_pool='max_segment' needs seg_embed [B, S, D] (normalised segment embeddings), "
+                    f"got {None if seg_embed is None else tuple(seg_embed.shape)}"
+                )
+        else:
+            seg_embed = None
+        return prompt_loss(
+            image_embed, prompt_embed, logit_scale_value(log_scale, self.max_logit_scale, image_embed),
+            prompt_ids=prompt_ids, label_ids=label_ids, seg_embed=seg_embed, form=self.loss_form,
+            bias=self.ml_bias, gather=self.gather,
+        )

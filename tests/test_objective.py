@@ -1,0 +1,130 @@
+"""ContrastiveObjective: its forms, key-based positives, the standalone terms it shares, autocast."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixreorg.losses import (
+    ContrastiveObjective,
+    ImageTextContrastiveLoss,
+    MixReorgLoss,
+    MultiLabelContrastiveLoss,
+    keys_to_ids,
+    similarity_logits,
+)
+
+
+def _embeds(b: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (F.normalize(torch.randn(b, d, generator=g), dim=-1), F.normalize(torch.randn(b, d, generator=g), dim=-1))
+
+
+def test_softmax_objective_equals_infonce_without_keys() -> None:
+    img, txt = _embeds()
+    scale = torch.tensor(math.log(10.0))
+    obj = ContrastiveObjective("softmax", multi_positive=False, multi_label_weight=0.0)
+    out = obj(img, txt, logit_scale=scale)
+    ref = ImageTextContrastiveLoss()(img, txt, scale)
+    torch.testing.assert_close(out["loss"], ref)
+
+
+def test_sigmoid_objective_matches_formula_and_multi_positive() -> None:
+    img, txt = _embeds()
+    obj = ContrastiveObjective("sigmoid", multi_positive=True, multi_label_weight=0.0, bias_init=-3.0)
+    keys = ["a", "b", "a", "c", "d", "b"]
+    out = obj(img, txt, logit_scale=torch.tensor(math.log(5.0)), text_keys=keys)
+    pos = torch.tensor([[ki == kj for kj in keys] for ki in keys])
+    logits = 5.0 * img @ txt.t() - 3.0
+    ref = -F.logsigmoid(torch.where(pos, logits, -logits)).sum() / 6
+    torch.testing.assert_close(out["loss"], ref)
+    # without keys only the diagonal is positive
+    out1 = obj(img, txt, logit_scale=torch.tensor(math.log(5.0)))
+    ref1 = -F.logsigmoid(torch.where(torch.eye(6, dtype=torch.bool), logits, -logits)).sum() / 6
+    torch.testing.assert_close(out1["loss"], ref1)
+
+
+def test_prompt_positives_follow_label_keys() -> None:
+    img, _ = _embeds(3, 8)
+    txt = img.clone()
+    prompts = F.normalize(torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    pkeys = [["circle", "grass"], ["square", "cap1"], ["circle", "sky"]]
+    labels = [["circle", "grass"], ["square", "cap1"], ["circle", "sky", "square"]]
+    obj = ContrastiveObjective("sigmoid", multi_positive=False, multi_label_weight=1.0, bias_init=0.0)
+    out = obj(img, txt, logit_scale=torch.tensor(0.0), prompt_embed=prompts, prompt_keys=pkeys, label_keys=labels)
+    flat_keys = [k for p in pkeys for k in p]
+    pos = torch.tensor([[k in set(lab) for k in flat_keys] for lab in labels])
+    logits = img @ prompts.reshape(6, 8).t()
+    ref = -F.logsigmoid(torch.where(pos, logits, -logits)).sum() / 3
+    torch.testing.assert_close(out["ml"], ref)
+    with pytest.raises(ValueError, match="prompt_embed"):
+        obj(img, txt, logit_scale=torch.tensor(0.0))
+
+
+def test_objective_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="loss must be"):
+        ContrastiveObjective("hinge")
+    img, txt = _embeds()
+    with pytest.raises(ValueError, match="same shape"):
+        ContrastiveObjective()(img, txt[:3], logit_scale=0.0)
+
+
+def test_softmax_objective_terms_are_the_standalone_losses_with_keys() -> None:
+    img, txt = _embeds(6, 8)
+    prompts = F.normalize(torch.randn(6, 2, 8, generator=torch.Generator().manual_seed(2)), dim=-1)
+    keys = ["a", "b", "a", "c", "d", "b"]
+    pkeys = [["circle", "x"], ["square", "y"], ["circle", "z"], ["ring", "x"], ["star", "w"], ["cross", "v"]]
+    log_scale, ml_scale = torch.tensor(math.log(7.0)), torch.tensor(math.log(3.0))
+    obj = ContrastiveObjective("softmax", multi_positive=True, multi_label_weight=0.5)
+    out = obj(img, txt, logit_scale=log_scale, multi_label_scale=ml_scale, prompt_embed=prompts,
+              text_keys=keys, prompt_keys=pkeys)
+    itc = ImageTextContrastiveLoss()(img, txt, log_scale, labels=keys_to_ids(keys))
+    ml = MultiLabelContrastiveLoss()(img, prompts, ml_scale, keys_to_ids([k for p in pkeys for k in p]).view(6, 2))
+    torch.testing.assert_close(out["itc"], itc)
+    torch.testing.assert_close(out["ml"], ml)
+    torch.testing.assert_close(out["loss"], itc + 0.5 * ml)
+    # the keys matter: without them the targets are one-hot and the losses differ
+    plain = obj(img, txt, logit_scale=log_scale, multi_label_scale=ml_scale, prompt_embed=prompts)
+    assert abs(float(plain["itc"]) - float(itc)) > 1e-3 and abs(float(plain["ml"]) - float(ml)) > 1e-3
+    # integer id tensors are accepted in place of the keys
+    ids = obj(img, txt, logit_scale=log_scale, multi_label_scale=ml_scale, prompt_embed=prompts,
+              text_keys=keys_to_ids(keys), prompt_keys=keys_to_ids([k for p in pkeys for k in p]).view(6, 2))
+    torch.testing.assert_close(ids["loss"], out["loss"])
+
+
+def test_defaults_are_groupvits() -> None:
+    obj = ContrastiveObjective()
+    assert (obj.loss_form, obj.multi_positive, obj.multi_label_weight, obj.multi_label_pool) == (
+        "softmax", False, 1.0, "image")
+    assert obj.bias is None and obj.max_logit_scale == 100.0
+    assert isinstance(MixReorgLoss().contrastive, ContrastiveObjective)
+
+
+@pytest.mark.parametrize("form", ["softmax", "sigmoid"])
+def test_logits_stay_fp32_under_bf16_autocast(form: str) -> None:
+    img, txt = _embeds(16, 32, seed=3)
+    prompts = F.normalize(torch.randn(16, 3, 32, generator=torch.Generator().manual_seed(4)), dim=-1)
+    obj = ContrastiveObjective(form, multi_label_weight=1.0, bias_init=-2.0)
+    kw = dict(logit_scale=torch.tensor(math.log(100.0)), prompt_embed=prompts)
+    ref = obj(img, txt, **kw)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert similarity_logits(torch.tensor(100.0), img, txt).dtype == torch.float32
+        got = obj(img, txt, **kw)
+    assert got["loss"].dtype == torch.float32
+    torch.testing.assert_close(got["loss"], ref, rtol=1e-6, atol=1e-6)
+    # what a bf16 similarity would have given: visibly different, so the check above can fail
+    bf = (100.0 * (img.bfloat16() @ txt.bfloat16().t())).float()
+    assert (bf - 100.0 * img @ txt.t()).abs().max() > 1e-2
+
+
+def test_rows_without_a_positive_are_left_out() -> None:
+    from mixreorg.losses import soft_cross_entropy
+
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    want = torch.stack([soft_cross_entropy(logits[0:1], pos[0:1]), soft_cross_entropy(logits[2:3], pos[2:3])]).mean()
+    torch.testing.assert_close(soft_cross_entropy(logits, pos), want)
+    assert float(soft_cross_entropy(logits, torch.zeros_like(pos))) == 0.0
