@@ -18,6 +18,7 @@ from mixreorg.nn import GroupViT, load_hf_groupvit, load_nvlabs_groupvit  # noqa
 from mixreorg.nn.weights import (  # noqa: E402
     config_from_hf,
     config_from_nvlabs,
+    config_to_hf,
     hf_to_ours,
     infer_config_from_hf_state_dict,
     infer_config_from_nvlabs_state_dict,
@@ -83,6 +84,48 @@ DEEP_HF = dict(
     projection_dim=16,
     projection_intermediate_dim=32,
 )
+# head dims other than 64 in both towers: 8 heads at width 128, where the old ``width // 64`` guess
+# gave 2 (and silently wrong embeddings)
+NON64_HF = dict(
+    text_config=dict(
+        vocab_size=200,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        max_position_embeddings=12,
+        bos_token_id=198,
+        eos_token_id=199,
+        pad_token_id=0,
+    ),
+    vision_config=dict(
+        hidden_size=128,
+        intermediate_size=256,
+        depths=[1, 1, 1],
+        num_hidden_layers=3,
+        num_group_tokens=[8, 4, 0],
+        num_output_groups=[8, 4, 4],
+        num_attention_heads=8,
+        image_size=32,
+        patch_size=8,
+        assign_eps=0.5,
+    ),
+    projection_dim=16,
+    projection_intermediate_dim=32,
+)
+
+
+def _unrecorded(hf_config) -> dict:
+    """The loader keywords for the fields an HF state dict does not record, read off its config."""
+    vc, tc = hf_config.vision_config, hf_config.text_config
+    return dict(
+        heads=vc.num_attention_heads,
+        text_heads=tc.num_attention_heads,
+        assign_eps=vc.assign_eps,
+        act=vc.hidden_act,
+        text_act=tc.hidden_act,
+        layer_norm_eps=vc.layer_norm_eps,
+    )
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
@@ -169,24 +212,158 @@ def test_hf_parity_four_stage_config():
 def test_hf_config_inferred_from_state_dict(hf_default, hf_small):
     for hf in (hf_default, hf_small):
         explicit = config_from_hf(hf.config)
-        inferred = infer_config_from_hf_state_dict(
-            hf.state_dict(),
-            heads=hf.config.vision_config.num_attention_heads,
-            text_heads=hf.config.text_config.num_attention_heads,
-        )
+        inferred = infer_config_from_hf_state_dict(hf.state_dict(), **_unrecorded(hf.config))
         for part in ("vision", "text"):
             for k, v in inferred[part].items():
                 assert explicit[part][k] == pytest.approx(v) or explicit[part][k] == v, (part, k)
         for k in ("proj_dim", "proj_hidden", "proj_layers"):
             assert explicit[k] == inferred[k]
-    # default widths follow GroupViT's heads = width // 64: no head counts needed
-    cfg = infer_config_from_hf_state_dict(hf_default.state_dict())
-    assert cfg["vision"]["num_heads"] == 6 and cfg["text"]["heads"] == 4
+    # head counts, assign_eps, activations and LayerNorm eps are not in the tensors: never guessed
+    with pytest.raises(ValueError, match=r"num_attention_heads") as err:
+        infer_config_from_hf_state_dict(hf_default.state_dict())
+    for field in ("vision_config.num_attention_heads", "text_config.num_attention_heads", "vision_config.assign_eps"):
+        assert field in str(err.value)
 
 
 def test_hf_load_from_state_dict_with_inferred_config(hf_small):
-    ours = load_hf_groupvit(hf_small.state_dict(), heads=4, text_heads=2).eval()
+    ours = load_hf_groupvit(hf_small.state_dict(), **_unrecorded(hf_small.config)).eval()
     _check_parity(hf_small, ours)
+    # the keywords may also come as vision= / text= overrides (our kwarg names)
+    kw = _unrecorded(hf_small.config)
+    ours = load_hf_groupvit(
+        hf_small.state_dict(),
+        assign_eps=kw["assign_eps"],
+        act=kw["act"],
+        text_act=kw["text_act"],
+        layer_norm_eps=1e-5,
+        vision={"num_heads": kw["heads"]},
+        text={"heads": kw["text_heads"]},
+    ).eval()
+    _check_parity(hf_small, ours)
+
+
+def test_hf_state_dict_without_head_counts_raises(hf_small, tmp_path):
+    sd = hf_small.state_dict()
+    with pytest.raises(ValueError, match=r"vision_config\.num_attention_heads.*text_config\.num_attention_heads"):
+        load_hf_groupvit(sd)
+    with pytest.raises(ValueError, match=r"heads=\.\.\., text_heads=\.\.\.") as err:
+        load_hf_groupvit(sd)
+    assert "config=" in str(err.value)  # says how to pass them
+    # only the missing ones are named
+    kw = _unrecorded(hf_small.config)
+    del kw["text_heads"]
+    with pytest.raises(ValueError, match=r"record text_config\.num_attention_heads\. Pass"):
+        load_hf_groupvit(sd, **kw)
+    kw = _unrecorded(hf_small.config)
+    del kw["assign_eps"]
+    with pytest.raises(ValueError, match=r"record vision_config\.assign_eps\. Pass"):
+        load_hf_groupvit(sd, **kw)
+    # a file without its config.json is a bare state dict too
+    torch.save(dict(sd), tmp_path / "model.bin")
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        load_hf_groupvit(tmp_path / "model.bin")
+
+
+def _outputs(model: GroupViT, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return model.encode_image(images)["image_embed"], model.encode_text(ids)
+
+
+def test_hf_non_64_head_dim_needs_the_config():
+    """Width 128 with 8 heads (head dim 16): the explicit head count reproduces HF, the old
+    ``width // 64`` guess (2 heads) does not."""
+    hf = _hf_model(NON64_HF)
+    sd = hf.state_dict()
+    kw = _unrecorded(hf.config)
+    assert (kw["heads"], kw["text_heads"]) == (8, 8)
+    for ours in (
+        load_hf_groupvit(sd, **kw),
+        load_hf_groupvit(sd, config=hf.config.to_dict()),  # config.json as a dict
+        load_hf_groupvit(hf),  # the model's own config
+    ):
+        assert ours.vision.stages[0].blocks[0].attn.num_heads == 8
+        _check_parity(hf, ours.eval())
+    # what the old guess built: same tensors, 2 heads per tower -> other embeddings
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 32, 32)
+    ids = _ids(2, 12, 199)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=images)
+    guessed = load_hf_groupvit(sd, **{**kw, "heads": 128 // 64, "text_heads": 128 // 64}).eval()
+    img, txt = _outputs(guessed, images, ids)
+    assert (img - ref.image_embeds).abs().max() > 1e-2
+    assert (txt - ref.text_embeds).abs().max() > 1e-2
+
+
+def test_hf_wrong_head_counts_raise(hf_small):
+    sd = hf_small.state_dict()
+    kw = _unrecorded(hf_small.config)  # vision width 64, text width 32
+    with pytest.raises(ValueError, match=r"vision_config\.num_attention_heads \(heads=\) = 3 does not divide"):
+        load_hf_groupvit(sd, **{**kw, "heads": 3})
+    with pytest.raises(ValueError, match=r"text_config\.num_attention_heads \(text_heads=\) = 5 does not divide"):
+        load_hf_groupvit(sd, **{**kw, "text_heads": 5})
+    with pytest.raises(ValueError, match="positive integer"):
+        load_hf_groupvit(sd, **{**kw, "heads": 0})
+    with pytest.raises(ValueError, match="positive integer"):
+        load_hf_groupvit(sd, **{**kw, "heads": 2.5})
+    # a config whose head count does not divide the width
+    cfg = hf_small.config.to_dict()
+    cfg["vision_config"]["num_attention_heads"] = 3
+    with pytest.raises(ValueError, match="does not divide"):
+        load_hf_groupvit(sd, config=cfg)
+    # keywords that contradict the config are refused, not ignored
+    with pytest.raises(ValueError, match=r"heads=2 contradicts the config \(vision_config\.num_attention_heads = 4\)"):
+        load_hf_groupvit(hf_small, heads=2)
+    with pytest.raises(ValueError, match=r"assign_eps=0\.5 contradicts"):
+        load_hf_groupvit(hf_small, assign_eps=0.5)
+    assert load_hf_groupvit(hf_small, heads=4, text_heads=2) is not None  # agreeing keywords are fine
+    # unsupported values of the unrecorded fields
+    with pytest.raises(ValueError, match="only 1e-5"):
+        load_hf_groupvit(sd, **{**kw, "layer_norm_eps": 1e-6})
+    with pytest.raises(ValueError, match="only 'gelu' and 'quick_gelu'"):
+        load_hf_groupvit(sd, **{**kw, "act": "relu"})
+
+
+def test_hf_config_dict_must_be_complete(hf_small):
+    cfg = hf_small.config.to_dict()
+    del cfg["vision_config"]["num_attention_heads"]
+    del cfg["vision_config"]["assign_eps"]
+    with pytest.raises(ValueError, match=r"lacks vision_config\.num_attention_heads, vision_config\.assign_eps"):
+        config_from_hf(cfg)
+    with pytest.raises(ValueError, match=r"lacks vision_config\.num_attention_heads"):
+        load_hf_groupvit(hf_small.state_dict(), config=cfg)
+    # the legacy config.json layout (text_config_dict / vision_config_dict, non-default fields only):
+    # transformers fills the rest, as it does when it loads that folder
+    legacy = {k: v for k, v in SMALL_HF.items() if k not in ("text_config", "vision_config")}
+    legacy.update(text_config_dict=SMALL_HF["text_config"], vision_config_dict=SMALL_HF["vision_config"])
+    assert config_from_hf(legacy) == config_from_hf(hf_small.config)
+
+
+def test_hf_config_export_round_trip():
+    """``config_to_hf`` + ``ours_to_hf``: transformers builds the same model from our export."""
+    cfg = dict(
+        vision=dict(
+            img_size=32, patch_size=8, embed_dim=48, num_heads=6, depths=(1, 1, 1), num_group_tokens=(8, 4, 0),
+            num_output_groups=(8, 4), assign_eps=0.25, assign_mlp_ratio=(0.5, 2.0), mlp_ratio=2.0,
+        ),
+        text=dict(context_length=10, vocab_size=60, width=24, layers=2, heads=3),
+        proj_dim=8,
+        proj_hidden=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ours = GroupViT(**cfg).eval()
+    _perturb(ours, 3)
+    hf_cfg = config_to_hf(cfg)
+    hf = GroupViTModel(GroupViTConfig(**hf_cfg)).eval()
+    hf.load_state_dict(ours_to_hf(ours), strict=True)
+    _check_parity(hf, ours)
+    back = load_hf_groupvit(ours_to_hf(ours), config=hf_cfg)
+    ref = ours.state_dict()
+    assert all(torch.equal(back.state_dict()[k], ref[k]) for k in ref if k != "multi_label_logit_scale")
+    with pytest.raises(ValueError, match="proj_layers=3"):
+        config_to_hf({**cfg, "proj_layers": 3})
+    with pytest.raises(ValueError, match="soft or Gumbel-free"):
+        config_to_hf({**cfg, "vision": {**cfg["vision"], "hard_assignment": False}})
 
 
 def test_hf_position_embedding_interpolation_matches(hf_small):
@@ -369,7 +546,9 @@ def _small_ours(seed: int = 0, **kw) -> GroupViT:
 def test_nvlabs_config_inferred_from_released_layout():
     with torch.device("meta"):
         nv = ours_to_nvlabs(GroupViT(**config_from_nvlabs(NV_RELEASED_MODEL_CFG)))
-    cfg = infer_config_from_nvlabs_state_dict({"model": nv})
+    with pytest.raises(ValueError, match=r"record img_encoder\.num_heads, img_encoder\.hard_assignment\. Pass"):
+        infer_config_from_nvlabs_state_dict({"model": nv})
+    cfg = infer_config_from_nvlabs_state_dict({"model": nv}, heads=6, hard_assignment=True)
     v, t = cfg["vision"], cfg["text"]
     assert (v["img_size"], v["patch_size"], v["embed_dim"], v["num_heads"]) == (224, 16, 384, 6)
     assert v["depths"] == [6, 3, 3] and v["num_group_tokens"] == [64, 8, 0] and v["num_output_groups"] == [64, 8]
@@ -383,7 +562,7 @@ def test_nvlabs_round_trip_and_checkpoint_wrapper():
     nv = ours_to_nvlabs(ours)
     # a checkpoint as NVlabs saves it ({'model': ..., 'epoch': ...}), with a DDP prefix for good measure
     ckpt = {"model": {f"module.{k}": v for k, v in nv.items()}, "epoch": 29}
-    back = load_nvlabs_groupvit(ckpt, heads=2, text_heads=2).eval()
+    back = load_nvlabs_groupvit(ckpt, heads=2, text_heads=2, hard_assignment=True).eval()
     ref_sd, got_sd = ours.state_dict(), back.state_dict()
     assert ref_sd.keys() == got_sd.keys()
     for k in ref_sd:
@@ -394,7 +573,7 @@ def test_nvlabs_round_trip_and_checkpoint_wrapper():
         torch.testing.assert_close(back.encode_text(ids), ours.encode_text(ids))
     # three-layer heads survive too
     deep = _small_ours(proj_layers=3)
-    again = load_nvlabs_groupvit(ours_to_nvlabs(deep), heads=2, text_heads=2)
+    again = load_nvlabs_groupvit(ours_to_nvlabs(deep), heads=2, text_heads=2, hard_assignment=True)
     assert again.image_proj.num_layers == 3
     assert all(torch.equal(a, b) for a, b in zip(deep.state_dict().values(), again.state_dict().values()))
 
@@ -458,3 +637,59 @@ def test_nvlabs_config_conversion():
         config_from_nvlabs({**NV_RELEASED_MODEL_CFG, "img_encoder": {"embed_factors": [1, 2, 2]}})
     with pytest.raises(ValueError, match="per-stage head counts"):
         config_from_nvlabs({**NV_RELEASED_MODEL_CFG, "img_encoder": {"num_heads": [6, 12, 12]}})
+
+
+NV_SMALL_MODEL_CFG = {  # a small NVlabs ``model:`` section: text width 128 -> NVlabs' 2 heads
+    "type": "MultiLabelContrastive",
+    "img_encoder": {
+        "type": "GroupViT",
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 32,
+        "num_heads": [4, 4, 4],
+        "depths": [2, 1, 1],
+        "num_group_tokens": [8, 4, 0],
+        "num_output_groups": [8, 4],
+        "hard_assignment": False,
+    },
+    "text_encoder": {"type": "TextTransformer", "context_length": 8, "width": 128, "layers": 1, "vocab_size": 40},
+    "output_dim": 8,
+    "multi_label": 0,
+}
+
+
+def test_nvlabs_heads_and_assignment_come_from_a_config():
+    torch.manual_seed(0)
+    ours = GroupViT(**config_from_nvlabs(NV_SMALL_MODEL_CFG)).eval()
+    _perturb(ours)
+    assert ours.vision.stages[0].blocks[0].attn.num_heads == 4 and ours.text.blocks[0].attn.num_heads == 2
+    nv = ours_to_nvlabs(ours)
+    # a bare state dict does not say how many image heads nor whether the assignment is hard
+    with pytest.raises(ValueError, match=r"img_encoder\.num_heads, img_encoder\.hard_assignment.*heads=\.\.\."):
+        load_nvlabs_groupvit({"model": nv})
+    # a checkpoint as NVlabs saves it keeps its config: nothing to pass
+    ckpt = {"model": nv, "config": {"model": NV_SMALL_MODEL_CFG}, "epoch": 3}
+    x, ids = torch.randn(2, 3, 32, 32), _ids(2, 8, 39)
+    for back in (
+        load_nvlabs_groupvit(ckpt),
+        load_nvlabs_groupvit(nv, config=NV_SMALL_MODEL_CFG),
+        load_nvlabs_groupvit(nv, heads=4, hard_assignment=False),  # text: NVlabs' width // 64 = 2
+    ):
+        assert back.text.blocks[0].attn.num_heads == 2
+        for a, b in zip(_outputs(back.eval(), x, ids), _outputs(ours, x, ids)):
+            torch.testing.assert_close(a, b)
+    # the wrong assignment mode gives other embeddings: it was worth asking for
+    hard = load_nvlabs_groupvit(nv, heads=4, hard_assignment=True).eval()
+    assert (_outputs(hard, x, ids)[0] - _outputs(ours, x, ids)[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"hard_assignment=True contradicts the config"):
+        load_nvlabs_groupvit(ckpt, hard_assignment=True)
+    with pytest.raises(ValueError, match=r"img_encoder\.num_heads \(heads=\) = 5 does not divide"):
+        load_nvlabs_groupvit(nv, heads=5, hard_assignment=False)
+    # a text tower narrower than 64 cannot come from NVlabs' rule: its head count must be given
+    small = ours_to_nvlabs(_small_ours())
+    with pytest.raises(ValueError, match="text_heads"):
+        load_nvlabs_groupvit(small, heads=2, hard_assignment=True)
+    with pytest.raises(ValueError, match="qk_scale"):
+        config_from_nvlabs(
+            {**NV_SMALL_MODEL_CFG, "img_encoder": {**NV_SMALL_MODEL_CFG["img_encoder"], "qk_scale": 0.1}}
+        )
