@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import GroupViTConfig, GroupViTModel  # a test dependency: the independent oracle
 
 from mixreorg.nn import GroupViT, load_hf_groupvit, load_nvlabs_groupvit  # noqa: E402
@@ -425,6 +427,70 @@ def test_hf_bad_state_dict_names_the_keys(hf_small):
         hf_to_ours(bad, ours)
     with pytest.raises(ValueError, match="missing keys"):
         load_hf_groupvit(missing, config=hf_small.config)
+
+
+@st.composite
+def _our_configs(draw) -> dict:
+    """Our GroupViT kwargs within what HF's GroupViT can express (any head dim, 1-4 stages)."""
+    n = draw(st.integers(1, 4))
+    head_dim, heads = draw(st.sampled_from([4, 8, 16, 64])), draw(st.integers(1, 8))
+    t_head_dim, t_heads = draw(st.sampled_from([4, 8, 32, 64])), draw(st.integers(1, 8))
+    tokens = draw(st.lists(st.integers(1, 64), min_size=n - 1, max_size=n - 1))
+    side = draw(st.integers(1, 14))
+    patch = draw(st.sampled_from([4, 8, 16]))
+    return dict(
+        vision=dict(
+            img_size=side * patch,
+            patch_size=patch,
+            in_chans=draw(st.sampled_from([1, 3])),
+            embed_dim=heads * head_dim,
+            num_heads=heads,
+            depths=draw(st.lists(st.integers(0, 6), min_size=n, max_size=n)),
+            num_group_tokens=[*tokens, 0],
+            num_output_groups=[draw(st.integers(1, 64)) for _ in tokens],
+            mlp_ratio=draw(st.sampled_from([1.0, 2.0, 4.0])),
+            assign_eps=draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
+            assign_mlp_ratio=draw(st.sampled_from([(0.5, 4.0), (0.25, 2.0), (1.0, 1.0)])),
+            act=draw(st.sampled_from(["gelu", "quick_gelu"])),
+        ),
+        text=dict(
+            context_length=draw(st.integers(2, 77)),
+            vocab_size=draw(st.integers(3, 50000)),
+            width=t_heads * t_head_dim,
+            layers=draw(st.integers(1, 12)),
+            heads=t_heads,
+            mlp_ratio=draw(st.sampled_from([2.0, 4.0])),
+            act=draw(st.sampled_from(["gelu", "quick_gelu"])),
+        ),
+        proj_dim=draw(st.integers(1, 512)),
+        proj_hidden=draw(st.integers(1, 4096)),
+        logit_scale_init=draw(st.floats(0.0, 5.0)),
+    )
+
+
+@given(cfg=_our_configs(), wrong=st.integers(1, 24))
+def test_hf_config_round_trip_property(cfg, wrong):
+    """``config_from_hf(config_to_hf(cfg))`` gives back every field (head counts included, whatever
+    the head dim), transformers reads the dict the same way, and a head count that does not
+    divide the width is refused by name."""
+    hf = config_to_hf(cfg)
+    back = config_from_hf(hf)
+    for part in ("vision", "text"):
+        for k, v in cfg[part].items():
+            got = back[part][k]
+            assert (list(got) if isinstance(got, tuple) else got) == pytest.approx(
+                list(v) if isinstance(v, tuple) else v
+            ), (part, k)
+    for k in ("proj_dim", "proj_hidden", "logit_scale_init"):
+        assert back[k] == pytest.approx(cfg[k])
+    assert config_from_hf(GroupViTConfig(**hf)) == back
+    width = cfg["vision"]["embed_dim"]
+    hf["vision_config"]["num_attention_heads"] = wrong
+    if width % wrong:
+        with pytest.raises(ValueError, match=r"vision_config\.num_attention_heads \(heads=\) = \d+ does not divide"):
+            config_from_hf(hf)
+    else:
+        assert config_from_hf(hf)["vision"]["num_heads"] == wrong
 
 
 # ------------------------------------------------------------------------------------- NVlabs
