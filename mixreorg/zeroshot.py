@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mixreorg.losses.contrastive import MAX_LOGIT_SCALE, logit_scale_value
+from mixreorg.nn.groupvit import assignment_to_image, compose_assignments
 from mixreorg.text.prompts import SEGMENTATION_TEMPLATES
 from mixreorg.text.tokenizer import CONTEXT_LENGTH, get_tokenizer
 
@@ -40,7 +42,6 @@ __all__ = [
     "classify",
     "segment",
     "segment_from_features",
-    "composed_maps",
 ]
 
 
@@ -66,8 +67,8 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _scale(model: nn.Module, max_scale: float = 100.0) -> torch.Tensor:
-    return model.logit_scale.detach().float().exp().clamp(max=getattr(model, "logit_scale_max", max_scale))
+def _scale(model: nn.Module) -> torch.Tensor:
+    return logit_scale_value(model.logit_scale.detach(), getattr(model, "logit_scale_max", MAX_LOGIT_SCALE))
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -100,45 +101,6 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     if duplicates:
         raise ValueError(f"duplicated class names: {sorted(set(map(str, duplicates)))}")
     return names
-
-
-def composed_maps(soft_maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Chain per-stage assignments ``[B, S_i, N_i]`` (``N_{i+1} = S_i``) -> ``[B, S_last, N_0]``.
-
-    Column ``n`` is patch ``n``'s distribution over the final groups (softmax over groups at each
-    stage, so it sums to 1 for soft maps).
-    """
-    if len(soft_maps) == 0:
-        raise ValueError("the model returned no assignment maps (return_maps=True, >= 1 grouping stage)")
-    out = soft_maps[0].float()  # [B, S_0, N_0]
-    for m in soft_maps[1:]:
-        if m.shape[-1] != out.shape[-2]:
-            raise ValueError(f"cannot compose assignment maps of shapes {tuple(out.shape)} and {tuple(m.shape)}")
-        out = m.float() @ out  # [B, S_i, N_0]
-    return out
-
-
-def _grid_of(n_tokens: int, hw: tuple[int, int]) -> tuple[int, int]:
-    """Patch grid (h, w) with h*w = n_tokens and h/w closest to the image's aspect ratio."""
-    best = None
-    for h in range(1, n_tokens + 1):
-        if n_tokens % h:
-            continue
-        w = n_tokens // h
-        err = abs(h * hw[1] - w * hw[0])
-        if best is None or err < best[0]:
-            best = (err, (h, w))
-    assert best is not None
-    return best[1]
-
-
-def _maps_to_image(maps: torch.Tensor, grid: tuple[int, int] | None, size: tuple[int, int]) -> torch.Tensor:
-    """``[B, S, h*w]`` -> ``[B, S, H, W]`` (reshape to the patch grid, bilinear, align_corners=False)."""
-    b, s, n = maps.shape
-    h, w = grid if grid is not None else _grid_of(n, size)
-    if h * w != n:
-        raise ValueError(f"assignment maps have {n} patches, the grid {h}x{w} has {h * w}")
-    return F.interpolate(maps.reshape(b, s, h, w), size=size, mode="bilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------------------- class embeddings
@@ -294,7 +256,8 @@ def _segment_whole(model, images, text, scale, **kw) -> torch.Tensor:
     out = model.encode_image(images, return_maps=True)
     if out.get("seg_embed") is None:
         raise ValueError("encode_image(..., return_maps=True) returned no seg_embed")
-    maps = _maps_to_image(composed_maps(out["soft_maps"]), out.get("grid"), tuple(images.shape[-2:]))
+    maps = assignment_to_image(compose_assignments(out["soft_maps"], torch.float32), out.get("grid"),
+                               tuple(images.shape[-2:]))
     maps = maps[:, :, :h, :w]
     return segment_from_features(
         F.normalize(out["seg_embed"].float(), dim=-1), out["image_embed"].float(), maps, text, scale, **kw

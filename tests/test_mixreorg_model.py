@@ -96,7 +96,7 @@ def test_gradients_reach_every_parameter_that_should_learn():
     images, ids = batch()
     prompts = ids[:, None, :].repeat(1, 3, 1)
     out = m(images, ids, prompt_ids=prompts, generator=torch.Generator().manual_seed(0))
-    MixReorgLoss()(out)["loss"].backward()
+    MixReorgLoss()(out)["loss"].backward()  # with prompts: the multi-label term is on
     missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert missing == []
     # ... and the list above covers every part named in the design

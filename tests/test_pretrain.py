@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mixreorg.checkpoint import CheckpointManager, load_checkpoint
 from mixreorg.recipes.config import PretrainConfig, apply_overrides, get_preset
@@ -212,7 +213,7 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
 
 
 def test_assigned_pool_ignores_segments_that_own_no_patch() -> None:
-    from mixreorg.recipes.models import AssignedPoolGroupViT, assigned_pool
+    from mixreorg.nn import GroupViT, assigned_pool
 
     tokens = torch.randn(2, 3, 4)
     hard = torch.zeros(2, 3, 5)
@@ -228,10 +229,18 @@ def test_assigned_pool_ignores_segments_that_own_no_patch() -> None:
     apply_overrides(cfg, TINY + ["model.image_pool=assigned"])
     model = build_model(cfg).eval()
     view = model.inference_model()
-    assert isinstance(view, AssignedPoolGroupViT) and view.groupvit is model.groupvit
-    out = view.encode_image(torch.randn(2, 3, 32, 32), return_maps=True)
+    assert isinstance(view, GroupViT) and view is model.groupvit and view.image_pool == "assigned"
+    x = torch.randn(2, 3, 32, 32)
+    out = view.encode_image(x, return_maps=True)
     assert out["image_embed"].shape == (2, 16) and out["seg_embed"].shape == (2, 2, 16)
-    torch.testing.assert_close(out["image_embed"].norm(dim=-1), torch.ones(2))
+    # the image vector is the projected assigned pool of the segment tokens, not their mean
+    with torch.no_grad():
+        enc = view.vision(x, return_maps=True)
+        want = F.normalize(view.image_proj(assigned_pool(enc)), dim=-1)
+        mean = F.normalize(view.image_proj(enc["pooled"]), dim=-1)
+    torch.testing.assert_close(out["image_embed"], want)
+    assert (out["image_embed"] - mean).abs().max() > 1e-4
+    assert view.encode_image(x)["soft_maps"] == []  # maps only on request
 
 
 def test_folder_source_with_deit_augmentation(tmp_path: Path) -> None:
@@ -311,7 +320,7 @@ def test_model_registry_builds_groupvit_plus_and_mixreorg_alike():
     cfg.model.mixreorg = dict(group_size=8, seg_weight=0.0)
     mr = build_model(cfg)
     assert isinstance(mr, MixReorgPretrainer) and mr.loss.seg_weight == 0.0
-    assert mr.model.config.image_pool == cfg.model.image_pool
+    assert mr.model.groupvit.image_pool == cfg.model.image_pool == mr.inference_model().image_pool
     assert type(mr.objective) is type(plus.objective)  # one objective for every compared model
     n_inf = sum(p.numel() for p in mr.inference_model().parameters())
     assert n_inf == sum(p.numel() for p in plus.groupvit.parameters())  # GroupViT+ size at inference
@@ -344,10 +353,10 @@ def test_cli_pretrain_mixreorg_and_evaluate_from_checkpoint(tmp_path: Path, caps
 
 # ---------------------------------------------------------------------------------------------- comparison
 def test_table6_rows_by_name_follow_the_presets() -> None:
-    from mixreorg.presets import PRESETS as TABLE6
+    from mixreorg.nn.presets import TABLE6_ROWS
 
     cfg = get_preset("tiny_mixreorg")
-    for name, preset in TABLE6.items():
+    for name, preset in TABLE6_ROWS.items():
         if preset.kind != "mixreorg":
             continue
         cfg.model.name = name
@@ -440,7 +449,7 @@ def test_resume_a_checkpoint_written_before_a_config_key_existed(tmp_path: Path)
 def test_supervised_hard_maps_give_each_pixel_its_group_logits(tmp_path: Path) -> None:
     """``model.supervised_maps=hard``: in training every patch's logits are exactly those of ONE group
     (the straight-through one-hot map), in eval the soft maps as before; a bad value is refused."""
-    from mixreorg.recipes.supervised import SupervisedSegmenter
+    from mixreorg.nn.supervised import SupervisedSegmenter
 
     cfg = tiny_config(tmp_path / "sup", **{"model.name": "supervised", "model.supervised_maps": "hard"})
     torch.manual_seed(0)

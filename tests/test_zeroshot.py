@@ -22,7 +22,6 @@ from mixreorg.zeroshot import (
     check_class_names,
     class_embeddings,
     classify,
-    composed_maps,
     segment,
     segment_from_features,
 )
@@ -208,7 +207,7 @@ def test_segment_whole_matches_model_helpers(model, text):
         out = model.encode_image(x, return_maps=True)
         maps = assignment_to_image(compose_assignments(out["soft_maps"]), out["grid"], (48, 40))
         torch.testing.assert_close(maps, F.interpolate(
-            composed_maps(out["soft_maps"]).reshape(2, 4, 6, 5), size=(48, 40), mode="bilinear"
+            (out["soft_maps"][1] @ out["soft_maps"][0]).reshape(2, 4, 6, 5), size=(48, 40), mode="bilinear"
         ))  # fmt: skip
         scale = model.logit_scale.exp().clamp(max=100)
         want = segment_from_features(out["seg_embed"], out["image_embed"], maps, text, scale, bg_thresh=0.9, topk=3)

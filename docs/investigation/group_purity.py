@@ -12,7 +12,7 @@ import torch.nn.functional as F
 torch.set_num_threads(1)
 from mixreorg.data.synthshapes import SynthShapesEval
 from mixreorg.recipes.evaluate import load_inference_model
-from mixreorg.zeroshot import _maps_to_image, composed_maps
+from mixreorg.nn.groupvit import assignment_to_image, compose_assignments
 
 model = load_inference_model(sys.argv[1])[0]
 model.eval()
@@ -21,7 +21,7 @@ items = ds.__getitems__(list(range(128)))
 x = torch.stack([torch.as_tensor(it['image']) for it in items]); m = torch.stack([torch.as_tensor(it['mask']) for it in items]).long()
 with torch.no_grad():
     out = model.encode_image(x, return_maps=True)
-    maps = _maps_to_image(composed_maps(out['soft_maps']), out['grid'], (64,64))
+    maps = assignment_to_image(compose_assignments(out['soft_maps'], torch.float32), out['grid'], (64, 64))
     grp = maps.argmax(1)  # [B,H,W]
     seg = F.normalize(out['seg_embed'], dim=-1)
     cls = model.classifier_embeddings(ds.class_names) if hasattr(model,'classifier_embeddings') else None

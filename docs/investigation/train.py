@@ -23,7 +23,8 @@ from mixreorg.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mixreorg.metrics import ConfusionMatrix  # noqa: E402
 from mixreorg.nn.groupvit import GroupViT  # noqa: E402
 from mixreorg.text import PROMPT_TEMPLATES, tokenize  # noqa: E402
-from mixreorg.zeroshot import composed_maps, segment_from_features, _maps_to_image  # noqa: E402
+from mixreorg.nn.groupvit import assignment_to_image, compose_assignments  # noqa: E402
+from mixreorg.zeroshot import segment_from_features  # noqa: E402
 
 CLASSES = SynthShapes.CLASS_NAMES
 CTX = 32
@@ -237,7 +238,7 @@ def evaluate():
             maps = F.interpolate(maps.reshape(B, -1, g, g), size=(64, 64), mode="bilinear", align_corners=False)
         else:
             seg = out["seg_embed"]
-            maps = _maps_to_image(composed_maps(out["soft_maps"]), out["grid"], (64, 64))
+            maps = assignment_to_image(compose_assignments(out["soft_maps"], torch.float32), out["grid"], (64, 64))
         lg = segment_from_features(seg, out["image_embed"], maps, temb, scale, topk=None)
         cm.update(lg.argmax(1), m)
         lg5 = segment_from_features(seg, out["image_embed"], maps, temb, scale, topk=5)

@@ -10,10 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses.contrastive import logit_scale_value
 from .text import TextEncoder
 from .vision import GroupViTVisionEncoder
 
-__all__ = ["ProjectionHead", "GroupViT", "compose_assignments", "assignment_to_image", "assigned_pool"]
+__all__ = [
+    "ProjectionHead",
+    "GroupViT",
+    "IMAGE_POOLS",
+    "compose_assignments",
+    "assignment_to_image",
+    "assigned_pool",
+    "token_grid",
+]
+
+IMAGE_POOLS = ("mean", "assigned")
 
 
 class ProjectionHead(nn.Module):
@@ -48,22 +59,49 @@ class ProjectionHead(nn.Module):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-def compose_assignments(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+def compose_assignments(maps: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
     """Chain per-stage assignment maps ``[B, S_i, N_i]`` (``N_{i+1} = S_i``) into one
-    ``[B, S_last, N_0]`` map from the final segments to the input patches."""
+    ``[B, S_last, N_0]`` map from the final segments to the input patches.
+
+    Column ``n`` is patch ``n``'s distribution over the final segments (each stage's map sums to 1
+    over its segments, so their product does too). ``dtype``: compose in this dtype (zero-shot
+    inference composes bf16 maps in float32); default the first map's.
+    """
     if len(maps) == 0:
         raise ValueError("no assignment maps to compose (return_maps=True and >= 1 grouping stage needed)")
-    out = maps[0]  # [B, S_0, N_0]
+    out = maps[0] if dtype is None else maps[0].to(dtype)  # [B, S_0, N_0]
     for m in maps[1:]:
+        if m.ndim != 3 or m.shape[-1] != out.shape[-2] or m.shape[0] != out.shape[0]:
+            raise ValueError(f"cannot compose assignment maps of shapes {tuple(out.shape)} and {tuple(m.shape)}")
         out = torch.matmul(m.to(out.dtype), out)  # [B, S_i, N_0]
     return out
 
 
+def token_grid(n_tokens: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The grid ``(h, w)`` with ``h * w = n_tokens`` whose aspect ratio is closest to ``size``'s."""
+    best: tuple[int, tuple[int, int]] | None = None
+    for h in range(1, n_tokens + 1):
+        if n_tokens % h:
+            continue
+        w = n_tokens // h
+        err = abs(h * size[1] - w * size[0])
+        if best is None or err < best[0]:
+            best = (err, (h, w))
+    if best is None:
+        raise ValueError(f"no token grid for {n_tokens} tokens")
+    return best[1]
+
+
 def assignment_to_image(
-    assign: torch.Tensor, grid: tuple[int, int], size: tuple[int, int] | None = None
+    assign: torch.Tensor, grid: tuple[int, int] | None, size: tuple[int, int] | None = None
 ) -> torch.Tensor:
-    """``[B, S, h*w]`` -> ``[B, S, H, W]``: reshape to the patch grid, bilinear resize to ``size``."""
+    """``[B, S, h*w]`` -> ``[B, S, H, W]``: reshape to the token grid (None: the one closest to
+    ``size``'s aspect ratio), bilinear resize (``align_corners=False``) to ``size``."""
     B, S, N = assign.shape
+    if grid is None:
+        if size is None:
+            raise ValueError("assignment_to_image needs the token grid or the output size")
+        grid = token_grid(N, tuple(size))
     h, w = grid
     if h * w != N:
         raise ValueError(f"assignment map has {N} tokens, the grid {h}x{w} has {h * w}")
@@ -101,6 +139,9 @@ class GroupViT(nn.Module):
         logit_scale_init: initial ``log`` of the temperature multiplier (``log(1/0.07)``).
         logit_scale_max: clamp of ``exp(logit_scale)`` (100).
         multi_label_scale: keep a separate learnable scale for the multi-label loss.
+        image_pool: the image vector the projection head reads: ``"mean"`` (GroupViT: the uniform
+            average of the final segment tokens) or ``"assigned"`` (:func:`assigned_pool`: weighted
+            by the patches each segment owns). No parameters depend on it.
     """
 
     def __init__(
@@ -113,8 +154,12 @@ class GroupViT(nn.Module):
         logit_scale_init: float = math.log(1 / 0.07),
         logit_scale_max: float = 100.0,
         multi_label_scale: bool = True,
+        image_pool: str = "mean",
     ) -> None:
         super().__init__()
+        if image_pool not in IMAGE_POOLS:
+            raise ValueError(f"image_pool must be one of {IMAGE_POOLS}, got {image_pool!r}")
+        self.image_pool = image_pool
         if vision is None or isinstance(vision, dict):
             vision = GroupViTVisionEncoder(**(vision or {}))
         if text is None or isinstance(text, dict):
@@ -134,12 +179,12 @@ class GroupViT(nn.Module):
     # ------------------------------------------------------------------ temperature
     def scale(self) -> torch.Tensor:
         """The contrastive logit multiplier ``min(exp(logit_scale), logit_scale_max)`` (scalar)."""
-        return self.logit_scale.exp().clamp(max=self.logit_scale_max)
+        return logit_scale_value(self.logit_scale, self.logit_scale_max)
 
     def multi_label_scale(self) -> torch.Tensor:
         """Multiplier of the multi-label loss (its own parameter, or the shared one)."""
         p = self.multi_label_logit_scale if self.multi_label_logit_scale is not None else self.logit_scale
-        return p.exp().clamp(max=self.logit_scale_max)
+        return logit_scale_value(p, self.logit_scale_max)
 
     @property
     def use_checkpoint(self) -> bool:
@@ -161,11 +206,23 @@ class GroupViT(nn.Module):
         out["seg_embed"] = F.normalize(self.image_proj(vision_out["tokens"]), dim=-1) if with_seg else None
         return out
 
+    def pool(self, vision_out: dict) -> dict:
+        """``vision_out`` with ``pooled`` as ``image_pool`` says (the encoder's mean, or assigned)."""
+        if self.image_pool == "mean":
+            return vision_out
+        return {**vision_out, "pooled": assigned_pool(vision_out)}
+
     def encode_image(self, images: torch.Tensor, return_maps: bool = False) -> dict:
         """Image features: dict with ``image_embed [B, D]`` (normalised), ``seg_embed
         [B, S_final, D]`` (normalised, only with ``return_maps``, else None), ``hard_maps``,
-        ``soft_maps`` (lists of ``[B, S_i, N_i]``), ``tokens``, ``pooled`` and ``grid``."""
-        return self.project_image(self.vision(images, return_maps=return_maps), with_seg=return_maps)
+        ``soft_maps`` (lists of ``[B, S_i, N_i]``; empty without ``return_maps``), ``tokens``,
+        ``pooled`` and ``grid``."""
+        assigned = self.image_pool == "assigned"  # assigned pooling reads the maps
+        out = self.pool(self.vision(images, return_maps=return_maps or assigned))
+        out = self.project_image(out, with_seg=return_maps)
+        if not return_maps:
+            out["hard_maps"], out["soft_maps"] = [], []
+        return out
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T] -> [B, D]`` or ``[B, K, T] -> [B, K, D]`` normalised text embeddings."""
@@ -208,7 +265,7 @@ class GroupViT(nn.Module):
         ``return_maps=True`` (``output_size`` None: the patch grid)."""
         if image_out.get("seg_embed") is None or not image_out.get("soft_maps"):
             raise ValueError("image_out must come from encode_image(images, return_maps=True)")
-        assign = assignment_to_image(compose_assignments(image_out["soft_maps"]), image_out["grid"], output_size)
+        assign = assignment_to_image(compose_assignments(image_out["soft_maps"]), image_out.get("grid"), output_size)
         seg = image_out["seg_embed"]  # [B, S, D]
         text = F.normalize(text_embeds, dim=-1).to(seg.dtype)  # [K, D]
         group_logits = torch.einsum("bsd,kd->bks", seg, text)  # [B, K, S]

@@ -32,7 +32,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..ops.plan import MixPlan
-from .groupvit import GroupViT, assigned_pool, compose_assignments
+from .groupvit import GroupViT, compose_assignments
 from .mixer import MixedPatchMixer
 from .vision import init_linear_and_norm
 
@@ -55,9 +55,8 @@ class MixReorgConfig:
         seg_maps: which composed patch -> segment map the mixed segmentation loss uses: ``"hard"``
             (straight-through one-hot, as GroupViT trains; [R]) or ``"soft"`` (the noise-free
             softmax maps, as zero-shot inference uses).
-        image_pool: the image vector of every branch: ``"mean"`` (GroupViT: uniform average of
-            the segment tokens) or ``"assigned"`` (weighted by the patches each segment owns,
-            :func:`mixreorg.nn.groupvit.assigned_pool`).
+
+    Every branch pools its image vector as the backbone's ``GroupViT.image_pool`` says.
     """
 
     group_size: int = 16
@@ -66,7 +65,6 @@ class MixReorgConfig:
     progressive_mode: str = "add"
     mix_impl: str = "auto"
     seg_maps: str = "hard"
-    image_pool: str = "mean"
 
 
 class MixReorg(nn.Module):
@@ -82,7 +80,11 @@ class MixReorg(nn.Module):
         if groupvit is None or isinstance(groupvit, dict):
             groupvit = GroupViT(**(groupvit or {}))
         if config is None or isinstance(config, dict):
-            config = MixReorgConfig(**(config or {}))
+            config = dict(config or {})
+            if "image_pool" in config:
+                raise ValueError("image_pool is an option of the GroupViT backbone (GroupViT(image_pool=...)), "
+                                 "not of MixReorgConfig: every branch pools as the backbone does")
+            config = MixReorgConfig(**config)
         enc = groupvit.vision
         stage = enc.stages[0]
         depth = len(stage.blocks)
@@ -96,8 +98,6 @@ class MixReorg(nn.Module):
             raise ValueError(f"progressive_mode must be one of {PROGRESSIVE_MODES}, got {config.progressive_mode!r}")
         if config.seg_maps not in ("hard", "soft"):
             raise ValueError(f"seg_maps must be 'hard' or 'soft', got {config.seg_maps!r}")
-        if config.image_pool not in ("mean", "assigned"):
-            raise ValueError(f"image_pool must be 'mean' or 'assigned', got {config.image_pool!r}")
         if config.contextual and depth == 0:
             raise ValueError("contextual mixing copies a stage-1 block: stage 1 needs at least one block")
         self.groupvit = groupvit
@@ -185,18 +185,19 @@ class MixReorg(nn.Module):
         h, _, L, skip = self._stage1_input(images)
         for blk in enc.stages[0].blocks:
             h = self._run(blk, h)
-        assigned = self.config.image_pool == "assigned"
+        assigned = self.groupvit.image_pool == "assigned"  # assigned pooling reads the maps
         out = enc.forward_from_stage1_output(
             h[:, :L], h[:, L:], return_maps=return_maps or assigned, grid=grid, skip=skip
         )
-        if assigned:
-            out["pooled"] = assigned_pool(out)
-        return self.groupvit.project_image(out, with_seg=return_maps)
+        out = self.groupvit.project_image(self.groupvit.pool(out), with_seg=return_maps)
+        if not return_maps:
+            out["hard_maps"], out["soft_maps"] = [], []
+        return out
 
     def to_groupvit(self) -> GroupViT:
         """A :class:`GroupViT` with one more stage-1 block (the contextual block first) holding
-        these weights: "GroupViT+", the inference model of MixReorg (Table 6). With
-        ``image_pool="assigned"`` wrap it as ``mixreorg.recipes.models.AssignedPoolGroupViT``."""
+        these weights: "GroupViT+", the inference model of MixReorg (Table 6), pooled as the
+        backbone is."""
         if self.context_block is None:
             return copy.deepcopy(self.groupvit)
         gv = copy.deepcopy(self.groupvit)
@@ -256,9 +257,7 @@ class MixReorg(nn.Module):
                 skip=skips,
             )
         with record_function("mixreorg/projection heads"):
-            if self.config.image_pool == "assigned":
-                out["pooled"] = assigned_pool(out)
-            out = self.groupvit.project_image(out, with_seg=True)
+            out = self.groupvit.project_image(self.groupvit.pool(out), with_seg=True)
         branches = {}
         for i, name in enumerate(("original", "mixed", "restored")):
             sl = slice(i * B, (i + 1) * B)

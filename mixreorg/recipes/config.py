@@ -88,11 +88,11 @@ class ModelConfig:
     logit_scale_init: initial temperature multiplier (not its log; GroupViT 1/0.07, SigLIP 10).
     image_pool: ``"mean"`` (GroupViT: uniform average of the segment tokens) or ``"assigned"``
         (weighted by the share of patches each segment owns; see
-        :func:`mixreorg.recipes.models.assigned_pool`).
+        :func:`mixreorg.nn.groupvit.assigned_pool`).
     mixreorg: arguments of the MixReorg encoder and its extra losses (:class:`MixReorgConfig` etc.).
     use_checkpoint: activation checkpointing of every transformer block.
     supervised_head: ``--model supervised`` only: ``"groups"`` (through the grouping) or ``"patches"``
-        (per-patch classifier before the grouping); see :mod:`mixreorg.recipes.supervised`.
+        (per-patch classifier before the grouping); see :mod:`mixreorg.nn.supervised`.
     supervised_maps: ``--model supervised`` only: the assignment maps the per-pixel loss reads,
         ``"soft"`` (the softmax maps) or ``"hard"`` (straight-through one-hot: in the forward pass every
         pixel gets its argmax group's logits, as zero-shot inference labels it).

@@ -16,6 +16,8 @@ from torch import nn
 from mixreorg.losses import MixReorgLoss, text_ids
 from mixreorg.nn.mixreorg import MixReorg
 
+from .builders import build_groupvit, build_objective
+
 __all__ = ["MixReorgPretrainer", "build_mixreorg_trainer"]
 
 
@@ -38,10 +40,7 @@ class MixReorgPretrainer(nn.Module):
     def inference_model(self) -> nn.Module:
         """GroupViT+ with the trained weights: the original branch alone (same cost as GroupViT),
         pooled as in training."""
-        from .models import AssignedPoolGroupViT
-
-        gv = self.model.to_groupvit()
-        return AssignedPoolGroupViT(gv) if self.model.config.image_pool == "assigned" else gv
+        return self.model.to_groupvit()
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
@@ -68,10 +67,7 @@ def _row_keys(token_ids: torch.Tensor) -> torch.Tensor:
 def build_mixreorg_trainer(cfg) -> MixReorgPretrainer:
     """``--model mixreorg``: the recipe's GroupViT backbone and shared objective, MixReorg switches
     from ``cfg.model.mixreorg`` (:class:`MixReorgConfig` fields plus ``seg_weight`` /
-    ``restored_weight``), image pooling from ``cfg.model.image_pool`` (every branch)."""
-    from .models import build_groupvit, build_objective
-
+    ``restored_weight``); every branch pools as ``cfg.model.image_pool`` says (the backbone's)."""
     opts = dict(cfg.model.mixreorg)
     weights = {k: opts.pop(k) for k in ("seg_weight", "restored_weight") if k in opts}
-    opts.setdefault("image_pool", cfg.model.image_pool)
     return MixReorgPretrainer(MixReorg(build_groupvit(cfg), opts), build_objective(cfg), **weights)

@@ -17,30 +17,30 @@ Registry (:data:`MODEL_BUILDERS`, extend with :func:`register_model`):
 * ``mixreorg``: :class:`mixreorg.recipes.mixreorg_trainer.MixReorgPretrainer` (three branches,
   L_seg + the shared objective on the original and restored branches).
 * ``mixreorg_cm``, ``mixreorg_no_cm``, ``mixreorg_cm_seg``, ``mixreorg_cm_rc``: the Table 6 ablation
-  rows of :mod:`mixreorg.presets` (their switches over ``cfg.model.mixreorg``).
-* ``supervised``: :class:`mixreorg.recipes.supervised.SupervisedSegmenter` -- the same backbone
+  rows of :data:`mixreorg.nn.presets.TABLE6_ROWS` (their switches over ``cfg.model.mixreorg``).
+* ``supervised``: :class:`mixreorg.nn.supervised.SupervisedSegmenter` -- the same backbone
   trained with SynthShapes' masks (the comparison table's upper bound).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
+from mixreorg.data.synthshapes import SynthShapes
 from mixreorg.losses import ContrastiveObjective
-from mixreorg.nn.groupvit import GroupViT, assigned_pool
+from mixreorg.nn.groupvit import GroupViT
+from mixreorg.nn.presets import TABLE6_ROWS
+from mixreorg.nn.supervised import SupervisedSegmenter
 
-from .config import PretrainConfig
+from .builders import build_groupvit, build_objective, no_weight_decay_names
+from .config import PRESETS, PretrainConfig, get_preset
+from .mixreorg_trainer import build_mixreorg_trainer
 
 __all__ = [
-    "IMAGE_POOLS",
-    "assigned_pool",
-    "AssignedPoolGroupViT",
     "GroupViTPretrainer",
     "MODEL_BUILDERS",
     "register_model",
@@ -53,102 +53,23 @@ __all__ = [
 ]
 
 
-def build_objective(cfg: PretrainConfig) -> ContrastiveObjective:
-    """The shared objective from ``cfg.objective`` (identical for every model)."""
-    o = cfg.objective
-    return ContrastiveObjective(
-        o.loss,
-        multi_positive=o.multi_positive,
-        multi_label_weight=o.multi_label_weight,
-        multi_label_pool=o.multi_label_pool,
-        bias_init=o.bias_init,
-        ml_bias_init=o.ml_bias_init,
-    )
-
-
-def build_groupvit(cfg: PretrainConfig) -> GroupViT:
-    """The GroupViT backbone from ``cfg.model`` (``img_size`` follows ``cfg.data.image_size``)."""
-    m = cfg.model
-    vision = dict(m.vision)
-    vision.setdefault("img_size", cfg.data.image_size)
-    vision["use_checkpoint"] = bool(m.use_checkpoint)
-    text = dict(m.text)
-    text["use_checkpoint"] = bool(m.use_checkpoint)
-    return GroupViT(
-        vision,
-        text,
-        proj_dim=m.proj_dim,
-        proj_hidden=m.proj_hidden,
-        proj_layers=m.proj_layers,
-        logit_scale_init=math.log(m.logit_scale_init),
-    )
-
-
-IMAGE_POOLS = ("mean", "assigned")
-
-
-class AssignedPoolGroupViT(nn.Module):
-    """A GroupViT whose ``image_embed`` uses :func:`assigned_pool` (the same weights, no copy).
-
-    It has the GroupViT inference interface (``encode_image``, ``encode_text``, ``logit_scale``,
-    ``scale()``, ``vision``, ``text``), so :mod:`mixreorg.zeroshot` uses it unchanged and the
-    image-level top-k of zero-shot segmentation sees the vector that was trained.
-    """
-
-    def __init__(self, groupvit: GroupViT) -> None:
-        super().__init__()
-        self.groupvit = groupvit
-
-    @property
-    def vision(self) -> nn.Module:
-        return self.groupvit.vision
-
-    @property
-    def text(self) -> nn.Module:
-        return self.groupvit.text
-
-    @property
-    def logit_scale(self) -> nn.Parameter:
-        return self.groupvit.logit_scale
-
-    @property
-    def logit_scale_max(self) -> float:
-        return self.groupvit.logit_scale_max
-
-    def scale(self) -> torch.Tensor:
-        return self.groupvit.scale()
-
-    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.groupvit.encode_text(token_ids)
-
-    def encode_image(self, images: torch.Tensor, return_maps: bool = False) -> dict:
-        out = dict(self.groupvit.vision(images, return_maps=True))
-        out["pooled"] = assigned_pool(out)
-        res = self.groupvit.project_image(out, with_seg=return_maps)
-        if not return_maps:
-            res["hard_maps"], res["soft_maps"] = [], []
-        return res
-
-
 class GroupViTPretrainer(nn.Module):
     """GroupViT trained with the shared :class:`ContrastiveObjective` (the trainer-model interface).
 
     ``training_losses(batch)`` encodes the images, captions and (when the objective uses them) the
     noun prompts, and returns the objective's dict: ``loss`` (scalar tensor) plus ``itc``, ``ml``,
-    in-batch retrieval accuracies and the current scale / bias.
+    in-batch retrieval accuracies and the current scale / bias. The image vector is pooled as the
+    backbone's ``image_pool`` says.
     """
 
-    def __init__(self, groupvit: GroupViT, objective: ContrastiveObjective, image_pool: str = "mean") -> None:
+    def __init__(self, groupvit: GroupViT, objective: ContrastiveObjective) -> None:
         super().__init__()
-        if image_pool not in IMAGE_POOLS:
-            raise ValueError(f"image_pool must be one of {IMAGE_POOLS}, got {image_pool!r}")
         self.groupvit = groupvit
         self.objective = objective
-        self.image_pool = image_pool
 
     def inference_model(self) -> nn.Module:
-        """The model zero-shot evaluation uses (GroupViT interface, same weights)."""
-        return self.groupvit if self.image_pool == "mean" else AssignedPoolGroupViT(self.groupvit)
+        """The model zero-shot evaluation uses (the backbone itself)."""
+        return self.groupvit
 
     def no_weight_decay(self) -> set[str]:
         return {f"groupvit.vision.{n}" for n in self.groupvit.vision.no_weight_decay()}
@@ -157,25 +78,18 @@ class GroupViTPretrainer(nn.Module):
         gv = self.groupvit
         images, text = batch["images"], batch["text"]
         needs_seg = self.objective.multi_label_pool == "max_segment" and self.objective.multi_label_weight > 0
-        if self.image_pool == "assigned":
-            vis = AssignedPoolGroupViT(gv).encode_image(images, return_maps=needs_seg)
-        else:
-            vis = gv.encode_image(images, return_maps=needs_seg)
-        image_embed = vis["image_embed"]  # [B, D]
+        vis = gv.encode_image(images, return_maps=needs_seg)
         prompts = batch.get("prompts")
         use_prompts = self.objective.multi_label_weight > 0
         if use_prompts and prompts is None:
             raise ValueError("the objective's multi-label loss needs batch['prompts'] [B, K, T]")
-        if use_prompts:
-            # two passes: captions and prompts are trimmed to their own lengths (cheaper than padding
-            # the short prompts to the captions' length); a BatchNorm head sees each set separately
-            text_embed = gv.encode_text(text)  # [B, D]
-            prompt_embed = gv.encode_text(prompts)  # [B, K, D]
-        else:
-            text_embed, prompt_embed = gv.encode_text(text), None
+        # two passes: captions and prompts are trimmed to their own lengths (cheaper than padding
+        # the short prompts to the captions' length); a BatchNorm head sees each set separately
+        text_embed = gv.encode_text(text)  # [B, D]
+        prompt_embed = gv.encode_text(prompts) if use_prompts else None  # [B, K, D]
         ml_scale = gv.multi_label_logit_scale if gv.multi_label_logit_scale is not None else gv.logit_scale
         return self.objective(
-            image_embed,
+            vis["image_embed"],
             text_embed,
             logit_scale=gv.logit_scale,
             prompt_embed=prompt_embed,
@@ -192,7 +106,7 @@ class GroupViTPretrainer(nn.Module):
 
 
 def _build_groupvit_trainer(cfg: PretrainConfig) -> nn.Module:
-    return GroupViTPretrainer(build_groupvit(cfg), build_objective(cfg), image_pool=cfg.model.image_pool)
+    return GroupViTPretrainer(build_groupvit(cfg), build_objective(cfg))
 
 
 def _build_groupvit_plus_trainer(cfg: PretrainConfig) -> nn.Module:
@@ -203,31 +117,28 @@ def _build_groupvit_plus_trainer(cfg: PretrainConfig) -> nn.Module:
     return _build_groupvit_trainer(cfg)
 
 
-MODEL_BUILDERS: dict[str, Callable[[PretrainConfig], nn.Module]] = {
-    "groupvit": _build_groupvit_trainer,
-    "groupvit_plus": _build_groupvit_plus_trainer,
-}
+def _build_supervised_trainer(cfg: PretrainConfig) -> nn.Module:
+    """``--model supervised``: the recipe's backbone (``cfg.model``) with SynthShapes' classes."""
+    if cfg.data.source != "synthshapes":
+        raise ValueError(
+            f"--model supervised needs masks: only data.source=synthshapes has them, got {cfg.data.source!r}"
+        )
+    if cfg.data.augment != "none":
+        raise ValueError(
+            f"--model supervised needs data.augment=none (the augmentation does not transform the masks), "
+            f"got {cfg.data.augment!r}"
+        )
+    return SupervisedSegmenter(build_groupvit(cfg), SynthShapes.CLASS_NAMES, head=cfg.model.supervised_head,
+                               maps=cfg.model.supervised_maps)
 
-# MixReorg (mixreorg/recipes/mixreorg_trainer.py): the same backbone builder, the same objective
-# (build_objective), and every branch pooled as cfg.model.image_pool says.
-def _build_mixreorg(cfg: PretrainConfig) -> nn.Module:
-    from .mixreorg_trainer import build_mixreorg_trainer
 
-    return build_mixreorg_trainer(cfg)
-
-
-MODEL_BUILDERS["mixreorg"] = _build_mixreorg
-
-
-def table6_builder(preset: str) -> Callable[[PretrainConfig], nn.Module]:
-    """Builder of a Table 6 MixReorg row (:data:`mixreorg.presets.PRESETS`): the row's switches
+def table6_builder(row: str) -> Callable[[PretrainConfig], nn.Module]:
+    """Builder of a Table 6 MixReorg row (:data:`mixreorg.nn.presets.TABLE6_ROWS`): the row's switches
     (contextual mixing, L_seg / L_rc weights) over ``cfg.model.mixreorg`` (which keeps e.g. the group
     size); every other part -- backbone, objective, pooling -- is the recipe's."""
-    from mixreorg.presets import PRESETS as TABLE6_PRESETS
-
-    p = TABLE6_PRESETS[preset]
+    p = TABLE6_ROWS[row]
     if p.kind != "mixreorg":
-        raise ValueError(f"{preset!r} is not a MixReorg row")
+        raise ValueError(f"{row!r} is not a MixReorg row")
 
     def build(cfg: PretrainConfig) -> nn.Module:
         cfg = copy.deepcopy(cfg)
@@ -237,37 +148,23 @@ def table6_builder(preset: str) -> Callable[[PretrainConfig], nn.Module]:
             "seg_weight": p.seg_weight,
             "restored_weight": p.restored_weight,
         }
-        return _build_mixreorg(cfg)
+        return build_mixreorg_trainer(cfg)
 
     return build
 
 
-def _register_table6() -> None:
-    from mixreorg.presets import PRESETS as TABLE6_PRESETS
-
-    for name, p in TABLE6_PRESETS.items():
-        if p.kind == "mixreorg" and name != "mixreorg":
-            MODEL_BUILDERS[name] = table6_builder(name)
-
-
-_register_table6()
+MODEL_BUILDERS: dict[str, Callable[[PretrainConfig], nn.Module]] = {
+    "groupvit": _build_groupvit_trainer,
+    "groupvit_plus": _build_groupvit_plus_trainer,
+    "mixreorg": build_mixreorg_trainer,
+    **{name: table6_builder(name) for name, p in TABLE6_ROWS.items() if p.kind == "mixreorg" and name != "mixreorg"},
+    "supervised": _build_supervised_trainer,
+}
 
 
 def is_mixreorg_model(name: str) -> bool:
     """Whether ``name`` builds a MixReorg trainer (``mixreorg`` or a Table 6 MixReorg row)."""
-    from mixreorg.presets import PRESETS as TABLE6_PRESETS
-
-    return name == "mixreorg" or (name in TABLE6_PRESETS and TABLE6_PRESETS[name].kind == "mixreorg")
-
-
-# The supervised upper bound (mixreorg/recipes/supervised.py): the same backbone trained with masks.
-def _build_supervised(cfg: PretrainConfig) -> nn.Module:
-    from .supervised import build_supervised_trainer
-
-    return build_supervised_trainer(cfg)
-
-
-MODEL_BUILDERS["supervised"] = _build_supervised
+    return name == "mixreorg" or (name in TABLE6_ROWS and TABLE6_ROWS[name].kind == "mixreorg")
 
 
 def register_model(name: str, builder: Callable[[PretrainConfig], nn.Module]) -> None:
@@ -280,8 +177,6 @@ def register_model(name: str, builder: Callable[[PretrainConfig], nn.Module]) ->
 def build_model(cfg: PretrainConfig | str) -> nn.Module:
     """The trainer model for ``cfg.model.name`` (or a preset name, built with that preset's config)."""
     if isinstance(cfg, str):
-        from .config import PRESETS, get_preset
-
         if cfg in PRESETS:
             cfg = get_preset(cfg)
         else:
@@ -292,19 +187,3 @@ def build_model(cfg: PretrainConfig | str) -> nn.Module:
     if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_BUILDERS))}")
     return MODEL_BUILDERS[name](cfg)
-
-
-def no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Names of parameters excluded from weight decay: every parameter with ndim <= 1 (biases, norms,
-    scales), plus what the model lists in ``no_weight_decay()`` (position embeddings, group tokens)."""
-    names = {n for n, p in model.named_parameters() if p.ndim <= 1}
-    extra = getattr(model, "no_weight_decay", None)
-    if callable(extra):
-        listed = set(extra())
-        for n, _ in model.named_parameters():
-            if n in listed or any(n.endswith("." + x) or n == x for x in listed):
-                names.add(n)
-    for n, _ in model.named_parameters():
-        if n.endswith("pos_embed") or n.endswith("group_token"):
-            names.add(n)
-    return names

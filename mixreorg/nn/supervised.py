@@ -1,8 +1,9 @@
-"""The supervised upper bound: the same vision backbone trained with the ground-truth masks.
+"""The supervised upper bound: a GroupViT image encoder trained with the ground-truth masks.
 
-``python -m mixreorg.recipes.pretrain --model supervised`` (SynthShapes, whose stream carries the
-masks) trains the recipe's GroupViT image encoder, its projection head and a learnable embedding
-per class ``[K, D]`` with a per-pixel cross-entropy, through the same path zero-shot inference uses:
+:class:`SupervisedSegmenter` (``python -m mixreorg.recipes.pretrain --model supervised`` on
+SynthShapes, whose stream carries the masks) trains the GroupViT image encoder, its projection head
+and a learnable embedding per class ``[K, D]`` with a per-pixel cross-entropy, through the same path
+zero-shot inference uses:
 
     logits[b, k, p] = scale * sum_s soft[b, s, p] * <seg_embed[b, s], class_embed[k]>
 
@@ -22,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixreorg.nn.groupvit import GroupViT
+from .groupvit import GroupViT
 
-__all__ = ["SupervisedSegmenter", "SupervisedInference", "build_supervised_trainer"]
+__all__ = ["SupervisedSegmenter", "SupervisedInference", "SUPERVISED_HEADS", "SUPERVISED_MAPS"]
+
+SUPERVISED_HEADS = ("groups", "patches")
+SUPERVISED_MAPS = ("soft", "hard")
 
 
 class SupervisedInference(nn.Module):
@@ -90,10 +94,10 @@ class SupervisedSegmenter(nn.Module):
         super().__init__()
         if len(set(class_names)) != len(class_names) or not class_names:
             raise ValueError(f"class_names must be distinct and non-empty, got {list(class_names)}")
-        if head not in ("groups", "patches"):
-            raise ValueError(f"head must be 'groups' or 'patches', got {head!r}")
-        if maps not in ("soft", "hard"):
-            raise ValueError(f"maps must be 'soft' or 'hard', got {maps!r}")
+        if head not in SUPERVISED_HEADS:
+            raise ValueError(f"head must be one of {SUPERVISED_HEADS}, got {head!r}")
+        if maps not in SUPERVISED_MAPS:
+            raise ValueError(f"maps must be one of {SUPERVISED_MAPS}, got {maps!r}")
         self.head = head
         self.maps = maps
         self.groupvit = groupvit
@@ -175,22 +179,3 @@ class SupervisedSegmenter(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.training_losses(batch)
-
-
-def build_supervised_trainer(cfg: Any) -> SupervisedSegmenter:
-    """``--model supervised``: the recipe's backbone (``cfg.model``) with SynthShapes' classes."""
-    from mixreorg.data.synthshapes import SynthShapes
-
-    from .models import build_groupvit
-
-    if cfg.data.source != "synthshapes":
-        raise ValueError(
-            f"--model supervised needs masks: only data.source=synthshapes has them, got {cfg.data.source!r}"
-        )
-    if cfg.data.augment != "none":
-        raise ValueError(
-            f"--model supervised needs data.augment=none (the augmentation does not transform the masks), "
-            f"got {cfg.data.augment!r}"
-        )
-    return SupervisedSegmenter(build_groupvit(cfg), SynthShapes.CLASS_NAMES, head=cfg.model.supervised_head,
-                               maps=cfg.model.supervised_maps)

@@ -1,4 +1,5 @@
-"""Named model presets: GroupViT, "GroupViT+" and every row of the paper's Table 6.
+"""The registry of named models: GroupViT, "GroupViT+" and every row of the paper's Table 6
+(:data:`TABLE6_ROWS`, built by name with :func:`build_preset`).
 
 Table 6 of the paper (PASCAL Context mIoU after CC12M pretraining) ablates contextual mixing (CM),
 the mixed segmentation loss (L_seg) and the restored-branch contrastive loss (L_rc)::
@@ -25,10 +26,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .nn.groupvit import GroupViT
-from .nn.mixreorg import MixReorg
+from .groupvit import GroupViT
+from .mixreorg import MixReorg
 
-__all__ = ["Preset", "PRESETS", "TABLE6", "build_preset", "groupvit_plus_config"]
+__all__ = ["Preset", "TABLE6_ROWS", "TABLE6", "build_preset", "groupvit_plus_config"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Preset:
     description: str = ""
 
 
-PRESETS: dict[str, Preset] = {
+TABLE6_ROWS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("groupvit", "groupvit", paper_context_miou=18.4, description="GroupViT baseline"),
@@ -61,7 +62,7 @@ PRESETS: dict[str, Preset] = {
                description="full MixReorg"),
     ]
 }
-TABLE6 = tuple(PRESETS)  # the rows, in the paper's order
+TABLE6 = tuple(TABLE6_ROWS)  # the rows, in the paper's order
 
 
 def groupvit_plus_config(groupvit: dict, extra: int = 1) -> dict:
@@ -80,9 +81,9 @@ def build_preset(name: str, groupvit: dict | None = None, **mixreorg_overrides) 
     every row; ``mixreorg_overrides``: :class:`MixReorgConfig` fields (e.g. ``group_size``,
     ``progressive``) applied to MixReorg rows. ``loss_weights`` = ``dict(seg_weight,
     restored_weight)`` for :class:`mixreorg.losses.MixReorgLoss` (empty for GroupViT rows)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[name]
+    if name not in TABLE6_ROWS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(TABLE6_ROWS)}")
+    p = TABLE6_ROWS[name]
     groupvit = dict(groupvit or {})
     if p.kind == "groupvit":
         return GroupViT(**groupvit_plus_config(groupvit, p.extra_stage1_blocks)), {}
