@@ -276,7 +276,7 @@ def test_folder_source_with_deit_augmentation(tmp_path: Path) -> None:
 def test_evaluate_background_dataset_layout() -> None:
     """A dataset with a thresholded background class (VOC-style): prompts for classes 1.., label 0 by
     threshold, predictions resized to the mask size; the confusion matrix covers all classes."""
-    from mixreorg.recipes.evaluate import evaluate_segmentation
+    from mixreorg.recipes.evaluation import evaluate_segmentation
 
     class Fake:
         CLASS_NAMES = ("background", "circle", "square")
@@ -372,7 +372,7 @@ def test_supervised_upper_bound_learns_from_masks(tmp_path: Path, head: str) -> 
     well below its start), and evaluation reads the class embeddings, not text prompts."""
     from mixreorg.data.segmentation import build_segmentation_dataset
     from mixreorg.data.synthshapes import SynthShapesStream
-    from mixreorg.recipes.evaluate import evaluate_segmentation
+    from mixreorg.recipes.evaluation import evaluate_segmentation
 
     cfg = tiny_config(tmp_path / "sup")
     cfg.model.name = "supervised"

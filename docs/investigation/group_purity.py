@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)
 from mixreorg.data.synthshapes import SynthShapesEval
-from mixreorg.recipes.evaluate import load_inference_model
+from mixreorg.recipes.loading import load_inference_model
 from mixreorg.nn.groupvit import assignment_to_image, compose_assignments
 
 model = load_inference_model(sys.argv[1])[0]

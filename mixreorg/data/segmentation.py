@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .synthshapes import SynthShapesEval
 from .transforms import CLIP_MEAN, CLIP_STD, Compose, Normalize, ResizeKeepRatio, ToTensor, eval_transform
 
 __all__ = [
@@ -372,8 +373,6 @@ def build_segmentation_dataset(name: str, root: str | os.PathLike[str] | None = 
     (``kwargs`` go to :class:`~mixreorg.data.synthshapes.SynthShapesEval`)."""
     key = name.lower().replace("-", "_")
     if key == "synthshapes":
-        from .synthshapes import SynthShapesEval
-
         return SynthShapesEval(**kwargs)
     if key not in _DATASETS:
         raise ValueError(f"unknown segmentation dataset {name!r}; choose one of {sorted(_DATASETS) + ['synthshapes']}")

@@ -702,7 +702,7 @@ def _flat_eval(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, write: bool) -> dict[str, Any]:
-    from mixreorg.recipes.evaluate import evaluate_datasets
+    from mixreorg.recipes.evaluation import evaluate_datasets
 
     out_dir = Path(cfg.train.out_dir) / "eval" if write else None
     return evaluate_datasets(model, cfg, out_dir=out_dir, device=device, verbose=write)

@@ -32,7 +32,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "mixreorg.recipes"  # noqa: A001
 
-from mixreorg.recipes.evaluate import load_inference_model, vocabulary_embeddings  # noqa: E402
+from mixreorg.recipes.evaluation import vocabulary_embeddings  # noqa: E402
+from mixreorg.recipes.loading import load_inference_model  # noqa: E402
 from mixreorg.zeroshot import check_class_names, segment  # noqa: E402
 
 __all__ = ["IMAGE_SUFFIXES", "load_inference_model", "find_images", "parse_classes", "segment_files", "main"]
