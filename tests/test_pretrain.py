@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from mixreorg.checkpoint import CheckpointManager, load_checkpoint
 from mixreorg.recipes.config import PretrainConfig, apply_overrides, get_preset
 from mixreorg.recipes.models import build_model, no_weight_decay_names
-from mixreorg.recipes.pretrain import NaNLossError, WarmupCosine, main, train
+from mixreorg.recipes.pretrain import NaNLossError, main, train
+from mixreorg.recipes.scheduler import WarmupCosine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +129,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     steps = 6
     full = train(tiny_config(tmp_path / "full", steps, **{"train.save_every": 0}), evaluate_at_end=False, quiet=True)
     cut_cfg = tiny_config(tmp_path / "cut", steps, **{"train.save_every": 0})
-    first = train(cut_cfg, stop_after=3, evaluate_at_end=False, quiet=True)
+    first = train(cut_cfg, stop_at=3, evaluate_at_end=False, quiet=True)
     assert first["step"] == 3
     torch.manual_seed(1234)  # a different process state must not matter: everything is restored
     second = train(
@@ -147,10 +148,39 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
-def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path / "nan", 8, **{"train.save_every": 2, "train.keep_last": 2})
+class _NaNAtCall(torch.nn.Module):
+    """A trainer model whose loss turns NaN at its ``at``-th training call (counted in this process)."""
+
+    def __init__(self, inner: torch.nn.Module, at: int) -> None:
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def training_losses(self, batch):
+        self.calls += 1
+        out = self.inner.training_losses(batch)
+        return {**out, "loss": out["loss"] * float("nan")} if self.calls == self.at else out
+
+    forward = training_losses
+
+    def inference_model(self):
+        return self.inner.inference_model()
+
+    def no_weight_decay(self):
+        return {f"inner.{n}" for n in self.inner.no_weight_decay()}
+
+
+def _register_nan_model(monkeypatch: pytest.MonkeyPatch, name: str, at: int) -> None:
+    from mixreorg.recipes.models import MODEL_BUILDERS
+
+    groupvit = MODEL_BUILDERS["groupvit"]
+    monkeypatch.setitem(MODEL_BUILDERS, name, lambda cfg: _NaNAtCall(groupvit(cfg), at))
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _register_nan_model(monkeypatch, "nan_at_5", 5)
+    cfg = tiny_config(tmp_path / "nan", 8, **{"train.save_every": 2, "train.keep_last": 2, "model.name": "nan_at_5"})
     with pytest.raises(NaNLossError) as info:
-        train(cfg, fail_at_step=5, evaluate_at_end=False, quiet=True)
+        train(cfg, evaluate_at_end=False, quiet=True)
     err = info.value
     assert err.step == 5 and "step 5" in str(err)
     steps = [s for s, _ in CheckpointManager(tmp_path / "nan" / "checkpoints").checkpoints()]
@@ -158,9 +188,9 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Path) -> N
     assert err.checkpoint is not None and err.checkpoint.name.endswith("000000004.pt")
     state = load_checkpoint(err.checkpoint)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    # the run resumes from the last good checkpoint
+    # the run resumes from the last good checkpoint (the new process's model counts its calls from 0)
     done = train(
-        tiny_config(tmp_path / "nan", 8, **{"train.save_every": 2, "train.keep_last": 2}),
+        tiny_config(tmp_path / "nan", 8, **{"train.save_every": 2, "train.keep_last": 2, "model.name": "nan_at_5"}),
         evaluate_at_end=False,
         quiet=True,
     )
@@ -170,12 +200,9 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Path) -> N
 def test_cli_reports_nan_with_exit_status(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import mixreorg.recipes.pretrain as pt
-
-    real = pt.train
-    monkeypatch.setattr(pt, "train", lambda cfg, **kw: real(cfg, fail_at_step=2, **kw))
-    args = ["--steps", "4", "--out", str(tmp_path / "r"), "--quiet"] + [a for s in TINY for a in ("--set", s)]
-    assert pt.main(args) == 3
+    _register_nan_model(monkeypatch, "nan_at_2", 2)
+    args = ["--steps", "4", "--model", "nan_at_2", "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(args + [a for s in TINY for a in ("--set", s)]) == 3
     assert "step 2" in capsys.readouterr().err
 
 
@@ -339,7 +366,7 @@ def test_cli_pretrain_mixreorg_and_evaluate_from_checkpoint(tmp_path: Path, caps
     assert len(train_recs) == 3 and all(math.isfinite(r["loss"]) for r in train_recs)
     assert all("seg/acc" in r and "restored/loss" in r for r in train_recs)
     # the loss plot draws every loss term of the three branches and the mixed-patch accuracy
-    from mixreorg.recipes.pretrain import metric_series
+    from mixreorg.recipes.logger import metric_series
 
     losses, accs = metric_series(out / "metrics.jsonl")
     assert {"loss", "seg/loss", "original/itc", "restored/itc", "original/ml", "restored/ml"} <= set(losses)
@@ -434,7 +461,7 @@ def test_resume_a_checkpoint_written_before_a_config_key_existed(tmp_path: Path)
     """Keys added to the config later take their defaults when an older run resumes; a real change
     of a setting is still refused."""
     cfg = tiny_config(tmp_path / "old", 4, **{"train.save_every": 0})
-    assert train(cfg, stop_after=2, evaluate_at_end=False, quiet=True)["step"] == 2
+    assert train(cfg, stop_at=2, evaluate_at_end=False, quiet=True)["step"] == 2
     path = CheckpointManager(tmp_path / "old" / "checkpoints").latest()
     state = load_checkpoint(path)
     del state["config"]["model"]["supervised_head"]  # as written by a version without that key
@@ -499,7 +526,7 @@ def test_runs_with_deit_augmentation_are_reproducible_across_processes(tmp_path:
 def test_prompt_keys_name_the_noun_each_prompt_was_built_from(tmp_path: Path) -> None:
     """Template words that are nouns of the caption too ("a painting of the {}.") do not fool the
     prompt keys: each key is the noun the prompt was made from, the caption for fillers."""
-    from mixreorg.recipes.pretrain import BatchBuilder
+    from mixreorg.recipes.data import BatchBuilder
     from mixreorg.text import make_prompts
 
     ps, ns = make_prompts("a dog.", 3, 0, nouns=["dog"], templates=["a painting of the {}."], return_nouns=True)
