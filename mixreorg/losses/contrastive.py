@@ -117,6 +117,15 @@ def _own_mask(batch: int, total: int, offset: int, device: torch.device, repeat:
     return own[:, None] == owner[None, :]
 
 
+def check_pair(image_embed: torch.Tensor, text_embed: torch.Tensor) -> None:
+    """Image and caption embeddings must both be ``[B, D]`` of one shape (ValueError otherwise)."""
+    if image_embed.ndim != 2 or image_embed.shape != text_embed.shape:
+        raise ValueError(
+            "image_embed and text_embed must both be [B, D] of the same shape, got "
+            f"{tuple(image_embed.shape)} and {tuple(text_embed.shape)}"
+        )
+
+
 def _check_ids(ids: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
     if ids.shape != shape or ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"{name} must be an integer tensor of shape {list(shape)}, got {ids.dtype} {tuple(ids.shape)}")
@@ -275,11 +284,7 @@ class ImageTextContrastiveLoss(_ContrastiveModule):
         logit_scale: torch.Tensor | float,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if image_embed.ndim != 2 or image_embed.shape != text_embed.shape:
-            raise ValueError(
-                "image_embed and text_embed must both be [B, D] of the same shape, got "
-                f"{tuple(image_embed.shape)} and {tuple(text_embed.shape)}"
-            )
+        check_pair(image_embed, text_embed)
         if labels is not None:
             _check_ids(labels, (image_embed.shape[0],), "labels")
         image_embed, text_embed, scale = self._prepare(image_embed, text_embed, logit_scale)

@@ -38,6 +38,7 @@ from .contrastive import (
     LOSS_FORMS,
     MAX_LOGIT_SCALE,
     caption_loss,
+    check_pair,
     keys_to_ids,
     logit_scale_value,
     prompt_loss,
@@ -176,11 +177,7 @@ class ContrastiveObjective(nn.Module):
         label_keys: Sequence[Iterable[Hashable]] | None = None,
         seg_embed: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        if image_embed.ndim != 2 or image_embed.shape != text_embed.shape:
-            raise ValueError(
-                "image_embed and text_embed must both be [B, D] of the same shape, got "
-                f"{tuple(image_embed.shape)} and {tuple(text_embed.shape)}"
-            )
+        check_pair(image_embed, text_embed)
         batch, dim = image_embed.shape
         if batch == 0:
             raise ValueError("empty batch")
