@@ -244,10 +244,17 @@ def test_slide_mode(model, text):
 
 def test_odd_sizes_and_short_side(model, text):
     x = _images(1, 45, 37, seed=4)
-    assert segment(model, x, text).shape == (1, 4, 45, 37)  # padded to 48x40 inside
+    got = segment(model, x, text)
+    # padded bottom/right with zeros to 48x40 inside, and cropped back: the padded image's logits
+    padded = segment(model, F.pad(x, (0, 3, 0, 3)), text)
+    torch.testing.assert_close(got, padded[:, :, :45, :37])
     assert segment(model, x, text, mode="slide", crop_size=24, stride=16).shape == (1, 4, 45, 37)
-    y = segment(model, _images(1, 32, 40, seed=5), text, short_side=64, bg_thresh=0.5)
-    assert y.shape == (1, 5, 32, 40)
+    small = _images(1, 32, 40, seed=5)
+    y = segment(model, small, text, short_side=64, bg_thresh=0.5)
+    # short_side: segment the image resized to 64x80, then the logits resized back to 32x40
+    big = F.interpolate(small, size=(64, 80), mode="bilinear", align_corners=False)
+    want = F.interpolate(segment(model, big, text, bg_thresh=0.5), size=(32, 40), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(y, want)
 
 
 def test_classify(model, text):
