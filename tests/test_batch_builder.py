@@ -1,0 +1,67 @@
+"""BatchBuilder: what the trainer models read from one raw stream batch."""
+
+from __future__ import annotations
+
+import torch
+
+from mixreorg.data.synthshapes import SynthShapesStream
+from mixreorg.recipes.config import apply_overrides, get_preset
+from mixreorg.recipes.data import BatchBuilder
+from mixreorg.text import tokenize
+
+
+def _cfg(*overrides: str):
+    cfg = get_preset("tiny")
+    apply_overrides(cfg, ["data.image_size=32", "data.num_prompts=3", *overrides])
+    return cfg.validate()
+
+
+def _raw(n: int = 6):
+    return next(iter(SynthShapesStream(n, seed=0, image_size=32)))
+
+
+def test_tokens_prompts_and_keys() -> None:
+    raw = _raw()
+    batch = BatchBuilder(_cfg(), context_length=32)(raw, step=0)
+    b = len(raw["caption"])
+    full = tokenize(list(raw["caption"]), context_length=32)  # [B, 32]
+    t = batch["text"].shape[1]
+    # trimmed to the longest caption: only padding is dropped, every EOT stays
+    assert t < 32 and torch.equal(batch["text"], full[:, :t]) and (full[:, t:] == 0).all()
+    assert batch["prompts"].shape[:2] == (b, 3) and batch["prompts"].shape[2] <= 32
+    # tiny preset: caption keys are the set of nouns, so captions naming the same shapes share a key
+    for cap, nouns, key in zip(raw["caption"], raw["nouns"], batch["text_keys"]):
+        assert key == (("nouns",) + tuple(sorted(set(nouns))) if nouns else ("caption", cap))
+    for cap, nouns, pkeys, labels in zip(raw["caption"], raw["nouns"], batch["prompt_keys"], batch["label_keys"]):
+        assert len(pkeys) == 3 and set(pkeys) <= set(nouns) | {cap}
+        assert labels == list(dict.fromkeys(list(nouns) + [cap]))
+    assert "masks" not in batch and torch.equal(batch["images"], raw["image"])  # no augmentation here
+
+
+def test_draws_depend_on_seed_step_and_rank_only() -> None:
+    raw = _raw()
+    a, b = BatchBuilder(_cfg(), 32, rank=0), BatchBuilder(_cfg(), 32, rank=0)
+    assert torch.equal(a(raw, 7)["prompts"], b(raw, 7)["prompts"])  # a fresh builder: the same draw
+    draws = {tuple(a(raw, s)["prompts"].flatten().tolist()) for s in range(6)}
+    assert len(draws) > 1  # other steps, other prompts
+    other_rank = BatchBuilder(_cfg(), 32, rank=1)(raw, 7)["prompts"]
+    assert not torch.equal(other_rank, a(raw, 7)["prompts"])
+
+
+def test_deit_augmentation_is_a_function_of_seed_step_rank() -> None:
+    raw = _raw()
+    cfg = _cfg("data.augment=deit")
+    one, two = BatchBuilder(cfg, 32), BatchBuilder(cfg, 32)
+    x = one(raw, 3)["images"]
+    assert x.shape == raw["image"].shape and not torch.equal(x, raw["image"])
+    assert torch.equal(x, two(raw, 3)["images"])
+    assert not torch.equal(x, one(raw, 4)["images"])
+    assert not torch.equal(x, BatchBuilder(cfg, 32, rank=1)(raw, 3)["images"])
+    assert not torch.equal(x, BatchBuilder(_cfg("data.augment=deit", "data.seed=1"), 32)(raw, 3)["images"])
+
+
+def test_masks_only_for_models_that_need_them_and_no_prompts_without_the_loss() -> None:
+    raw = _raw()
+    batch = BatchBuilder(_cfg("objective.multi_label_weight=0"), 32, with_masks=True)(raw, 0)
+    assert torch.equal(batch["masks"], raw["mask"])
+    assert not {"prompts", "prompt_keys", "label_keys"} & set(batch)
