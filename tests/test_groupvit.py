@@ -61,7 +61,7 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
 
 
 # ------------------------------------------------------------------------------------- blocks
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 3), N=st.integers(1, 9), heads=st.sampled_from([1, 2, 4]), causal=st.booleans())
 def test_attention_matches_explicit_softmax(B, N, heads, causal):
     torch.manual_seed(N)
@@ -130,7 +130,7 @@ def test_drop_path():
 
 
 # ------------------------------------------------------------------------------------- grouping
-@settings(max_examples=20, deadline=None)
+@settings(deadline=None)
 @given(B=st.integers(1, 2), S=st.integers(1, 5), N=st.integers(1, 12), seed=st.integers(0, 100))
 def test_assign_attention_eval_is_group_mean(B, S, N, seed):
     """Eval: each token goes to its arg-max group; a group outputs proj(sum of its values /
@@ -149,7 +149,7 @@ def test_assign_attention_eval_is_group_mean(B, S, N, seed):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(deadline=None)
 @given(S=st.integers(1, 6), N=st.integers(1, 30), eps=st.sampled_from([1.0, 0.5, 3.0]), hard=st.booleans())
 def test_unnormalise_assignment_inverts_value_and_gradient(S, N, eps, hard):
     """The hard map is recovered from gumbel_assign's normalised output exactly, gradient included."""

@@ -55,7 +55,7 @@ def test_residual_blocks_start_as_identity():
     torch.testing.assert_close(deep(x), b(x))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=36, deadline=None)
 @given(h=st.integers(1, 3), w=st.integers(1, 3), f=st.sampled_from([2, 4]), c=st.sampled_from([4, 8]))
 def test_fine_tokens_layout(h, w, f, c):
     """Fine token (y, x) of the fine grid = LN(proj(level))[y, x] + the coarse token of its patch."""

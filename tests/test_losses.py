@@ -56,7 +56,7 @@ def _naive_mlc(img, prm, log_scale, labels=None):
     return (loss_img + loss_prm) / 2
 
 
-@settings(max_examples=15, deadline=None)
+@settings(deadline=None)
 @given(
     b=st.integers(1, 6),
     d=st.integers(2, 8),
@@ -72,7 +72,7 @@ def test_itc_matches_naive(b, d, log_scale, seed, with_labels):
     assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(deadline=None)
 @given(
     b=st.integers(1, 5),
     k=st.integers(1, 4),

@@ -25,7 +25,7 @@ from mixreorg.metrics import (
 from mixreorg.viz import colorize, image_grid, overlay, palette, plot_curves, save_segmentation_panels
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(
     c=st.integers(1, 6),
     n=st.integers(0, 60),

@@ -13,7 +13,7 @@ from mixreorg.nn.timm_vit import forward_mixed
 from mixreorg.ops import MixPlan, mix_reference
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     G=st.integers(1, 4),
     groups=st.integers(1, 3),

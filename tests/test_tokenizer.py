@@ -71,7 +71,7 @@ def test_empty_and_bad_input():
         ClipTokenizer(backend="bpe", bpe_path="/nonexistent/bpe_simple_vocab_16e6.txt.gz")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(text=st.text(max_size=120), ctx=st.integers(2, 80))
 def test_layout_property(text, ctx):
     tok = get_tokenizer()
@@ -171,7 +171,7 @@ def test_nouns_method_selection():
         assert extract_nouns("a cat on a mat") == extract_nouns("a cat on a mat", method="heuristic")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(
     words=st.lists(
         st.sampled_from(["a", "the", "red", "circle", "and", "dogs", "playing", "on", "grass", ",", "is", "two"]),
