@@ -1,6 +1,6 @@
 """Trainer models: what :mod:`mixreorg.recipes.pretrain` trains, built by name from the config.
 
-The loop only knows the trainer-model interface (MODEL_API.md)::
+The loop (:mod:`mixreorg.recipes.train`) only knows the trainer-model interface::
 
     model.training_losses(batch) -> dict(loss=scalar tensor, **floats or tensors to log)
     model.inference_model()      -> a GroupViT-interface module for zero-shot evaluation
