@@ -36,7 +36,7 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -240,6 +240,24 @@ _N_PARAMS = _P_SLOT0 + _P_SLOT * _MAX_OBJECTS
 _SPLIT_ID = {"train": 0, "eval": 1}
 
 
+class _Scene(NamedTuple):
+    """The drawn content of a batch of ``B`` samples with ``K = max_objects`` object slots (slots at
+    or past a sample's ``n_obj`` are drawn too but never rendered)."""
+
+    U: np.ndarray  # [B, P] float64 uniforms, layout _P_*
+    P: np.ndarray  # [B, K, 20] the object slots' uniforms, layout _S_*
+    bg: np.ndarray  # [B] background (stuff) class
+    n_obj: np.ndarray  # [B]
+    active: np.ndarray  # [B, K] bool
+    cls: np.ndarray  # [B, K] thing index (class - 4)
+    colour: np.ndarray  # [B, K]
+    texture: np.ndarray  # [B, K]
+    radius: np.ndarray  # [B, K] float64, pixels
+    theta: np.ndarray  # [B, K] rotation
+    cx: np.ndarray  # [B, K] float64 centre, pixels
+    cy: np.ndarray  # [B, K]
+
+
 class SynthShapes:
     """The SynthShapes generator: ``generate(index, split, seed)`` / ``generate_batch(indices, ...)``.
 
@@ -351,31 +369,63 @@ class SynthShapes:
         ``nouns`` (class names the caption mentions), ``background`` and ``objects`` (class, colour,
         texture, visible fraction, named).
         """
+        scene = self._scene(self._params(self.keys(indices, split, seed)))
+        owner, area = self._rasterise(scene)  # [B, S, S] int8, [B, K]
+        img = self._backgrounds(scene.bg, scene.U)  # [B, S, S, 3] float32
+        owned, own = self._owned_pixels(owner)
+        self._paint_objects(img, scene, owned, own)
+        mask, labels, counts = self._ground_truth(scene, owned, own)
+        captions, nouns, objects = self._describe(scene, counts, area)
+        return {
+            "image": np.clip(img, 0.0, 255.0).astype(np.uint8),
+            "mask": mask,
+            "labels": labels,
+            "caption": captions,
+            "nouns": nouns,
+            "background": [self.STUFF[int(b)] for b in scene.bg],
+            "objects": objects,
+        }
+
+    def _scene(self, U: np.ndarray) -> _Scene:
+        """Background, objects and their placement of every sample, from its uniforms ``U [B, P]``."""
         cfg = self.config
-        s = cfg.image_size
-        K = cfg.max_objects
-        keys = self.keys(indices, split, seed)
-        B = len(keys)
-        U = self._params(keys)  # [B, P] float64
-        bg = (U[:, _P_BG] * len(self.STUFF)).astype(np.int64)  # [B]
+        s, K, B = cfg.image_size, cfg.max_objects, len(U)
         span = cfg.max_objects - cfg.min_objects + 1
         n_obj = cfg.min_objects + (U[:, _P_NOBJ] * span).astype(np.int64)  # [B]
         P = U[:, _P_SLOT0 : _P_SLOT0 + _P_SLOT * K].reshape(B, K, _P_SLOT)  # [B, K, 20]
         active = np.arange(K)[None, :] < n_obj[:, None]  # [B, K]
-        cls = (P[:, :, _S_CLS] * len(self.THINGS)).astype(np.int64)  # [B, K]
-        colour = (P[:, :, _S_COLOUR] * len(_COLOURS)).astype(np.int64)
-        texture = (P[:, :, _S_TEX] * len(_TEXTURES)).astype(np.int64)
         radius = (cfg.min_size + (cfg.max_size - cfg.min_size) * P[:, :, _S_RADIUS]) * s  # [B, K]
-        theta = _TWO_PI * P[:, :, _S_THETA]
-        # positions: per object the first of 4 candidates far enough from the earlier objects, else the
-        # least crowded candidate (keeps occlusion moderate; objects still overlap at times)
+        cx, cy = self._place(P, active, radius)
+        return _Scene(
+            U=U,
+            P=P,
+            bg=(U[:, _P_BG] * len(self.STUFF)).astype(np.int64),
+            n_obj=n_obj,
+            active=active,
+            cls=(P[:, :, _S_CLS] * len(self.THINGS)).astype(np.int64),
+            colour=(P[:, :, _S_COLOUR] * len(_COLOURS)).astype(np.int64),
+            texture=(P[:, :, _S_TEX] * len(_TEXTURES)).astype(np.int64),
+            radius=radius,
+            theta=_TWO_PI * P[:, :, _S_THETA],
+            cx=cx,
+            cy=cy,
+        )
+
+    def _place(self, P: np.ndarray, active: np.ndarray, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Object centres ``cx, cy [B, K]`` (float64 pixels) from the slots' candidate positions.
+
+        Per object the first of 4 candidates far enough from the earlier objects, else the least
+        crowded candidate: keeps occlusion moderate (objects still overlap at times).
+        """
+        s = self.config.image_size
+        B, K = active.shape
         lo, hi = 0.12 * s, 0.88 * s
-        cand = lo + (hi - lo) * P[:, :, _S_CAND : _S_CAND + 2 * _N_CAND].reshape(B, K, _N_CAND, 2)
+        cand = lo + (hi - lo) * P[:, :, _S_CAND : _S_CAND + 2 * _N_CAND].reshape(B, K, _N_CAND, 2)  # [B, K, 4, 2]
         cx = np.zeros((B, K))
         cy = np.zeros((B, K))
         rows = np.arange(B)
         for k in range(K):
-            margin = np.full((B, _N_CAND), np.inf)
+            margin = np.full((B, _N_CAND), np.inf)  # [B, 4] distance to the nearest earlier object / radii
             for j in range(k):
                 d = np.hypot(cand[:, k, :, 0] - cx[:, j, None], cand[:, k, :, 1] - cy[:, j, None])
                 margin = np.minimum(
@@ -384,81 +434,115 @@ class SynthShapes:
             score = np.where(margin >= 0.75, 10.0 - np.arange(_N_CAND), np.minimum(margin, 5.0))
             pick = np.argmax(score, axis=1)
             cx[:, k], cy[:, k] = cand[rows, k, pick, 0], cand[rows, k, pick, 1]
+        return cx, cy
 
-        # ---- shapes: inside iff hole <= rho <= R_cls(angle - theta), R tabulated per class.
-        # Evaluated on a window around each object (every shape fits in it), scattered into `owner`.
-        owner = np.full(B * s * s, -1, dtype=np.int8)  # flat [B, S, S]: which object owns a pixel
+    def _rasterise(self, sc: _Scene) -> tuple[np.ndarray, np.ndarray]:
+        """``owner [B, S, S]`` int8 (the object painted last on a pixel, -1 for the background) and
+        ``area [B, K]`` (each object's pixels before occlusion, for its visible fraction).
+
+        Each shape is evaluated on a window around its object rather than the whole image: every
+        shape fits in it, and the window is what makes batch rendering fast.
+        """
+        cfg = self.config
+        s = cfg.image_size
+        B, K = sc.active.shape
+        owner = np.full(B * s * s, -1, dtype=np.int8)  # flat [B, S, S]
         area = np.zeros((B, K), dtype=np.int64)
         win = min(s, int(math.ceil(2 * _EXTENT * cfg.max_size * s)) + 2)
         ar = np.arange(win)
-        table = _RADIUS_TABLE2.ravel()
-        scale = np.float32(_N_BINS / _TWO_PI)
         for k in range(K):
-            act = np.flatnonzero(active[:, k])
+            act = np.flatnonzero(sc.active[:, k])
             if act.size == 0:
                 break
-            x0 = np.clip(np.round(cx[act, k] - win / 2), 0, s - win).astype(np.intp)  # [b]
-            y0 = np.clip(np.round(cy[act, k] - win / 2), 0, s - win).astype(np.intp)
-            r = radius[act, k].astype(np.float32)[:, None, None]
-            dx = (
-                (x0[:, None] + ar).astype(np.float32)[:, None, :] + 0.5 - cx[act, k].astype(np.float32)[:, None, None]
-            ) / r
-            dy = (
-                (y0[:, None] + ar).astype(np.float32)[:, :, None] + 0.5 - cy[act, k].astype(np.float32)[:, None, None]
-            ) / r
-            rho2 = dx * dx + dy * dy  # [b, win, win]
-            # angle relative to the object's rotation, as a bin index (angle + 3 pi > 0 always)
-            turn = (np.float32(3.0 * math.pi) - theta[act, k].astype(np.float32))[:, None, None]
-            bins = ((np.arctan2(dy, dx) + turn) * scale).astype(np.intp) & (_N_BINS - 1)
-            bins += (cls[act, k] * _N_BINS)[:, None, None]
-            inside = (rho2 <= table[bins]) & (rho2 >= _HOLE2[cls[act, k]][:, None, None])
+            x0 = np.clip(np.round(sc.cx[act, k] - win / 2), 0, s - win).astype(np.intp)  # [b]
+            y0 = np.clip(np.round(sc.cy[act, k] - win / 2), 0, s - win).astype(np.intp)
+            inside = self._window_inside(sc, act, k, x0, y0, ar)  # [b, win, win]
             area[act, k] = np.count_nonzero(inside, axis=(1, 2))
             target = (act * (s * s) + y0 * s + x0)[:, None, None] + (ar[:, None] * s + ar[None, :])  # [b, win, win]
             owner[target[inside]] = k  # later objects are painted over earlier ones
-        owner = owner.reshape(B, s, s)
+        return owner.reshape(B, s, s), area
 
-        # ---- colour the owned pixels from their owner (flat arrays over owned pixels only)
-        img = self._backgrounds(bg, U)  # [B, S, S, 3] float32
-        owned = np.flatnonzero(owner >= 0)  # flat pixel index into [B * S * S]
-        own = owner.ravel()[owned].astype(np.intp) + (owned // (s * s)) * K  # flat [B * K] object index
+    @staticmethod
+    def _window_inside(
+        sc: _Scene, act: np.ndarray, k: int, x0: np.ndarray, y0: np.ndarray, ar: np.ndarray
+    ) -> np.ndarray:
+        """Whether each pixel of the windows ``[b, win, win]`` (top-left ``x0, y0 [b]``) lies in object
+        ``k`` of samples ``act``: inside iff ``hole <= rho <= R_cls(angle - theta)``, R tabulated."""
+        r = sc.radius[act, k].astype(np.float32)[:, None, None]  # [b, 1, 1]
+        cx = sc.cx[act, k].astype(np.float32)[:, None, None]
+        cy = sc.cy[act, k].astype(np.float32)[:, None, None]
+        dx = ((x0[:, None] + ar).astype(np.float32)[:, None, :] + 0.5 - cx) / r  # [b, 1, win]
+        dy = ((y0[:, None] + ar).astype(np.float32)[:, :, None] + 0.5 - cy) / r  # [b, win, 1]
+        rho2 = dx * dx + dy * dy  # [b, win, win]
+        # angle relative to the object's rotation, as a bin index (angle + 3 pi > 0 always)
+        turn = (np.float32(3.0 * math.pi) - sc.theta[act, k].astype(np.float32))[:, None, None]
+        bins = ((np.arctan2(dy, dx) + turn) * np.float32(_N_BINS / _TWO_PI)).astype(np.intp) & (_N_BINS - 1)
+        bins += (sc.cls[act, k] * _N_BINS)[:, None, None]
+        return (rho2 <= _RADIUS_TABLE2.ravel()[bins]) & (rho2 >= _HOLE2[sc.cls[act, k]][:, None, None])
+
+    def _owned_pixels(self, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The object pixels as flat arrays (the colouring and the mask touch only these):
+        ``owned`` indexes ``[B * S * S]``, ``own`` the owning object in ``[B * K]``."""
+        s, K = self.config.image_size, self.config.max_objects
+        owned = np.flatnonzero(owner >= 0)
+        own = owner.ravel()[owned].astype(np.intp) + (owned // (s * s)) * K
+        return owned, own
+
+    def _paint_objects(self, img: np.ndarray, sc: _Scene, owned: np.ndarray, own: np.ndarray) -> None:
+        """Colour the owned pixels of ``img [B, S, S, 3]`` (in place) from their object's colour,
+        texture and tone jitter."""
+        s = self.config.image_size
+        B, K = sc.active.shape
         px = (owned % s).astype(np.float32) + 0.5
         py = ((owned // s) % s).astype(np.float32) + 0.5
-        ro = radius.astype(np.float32).ravel()[own]
-        gx = (px - cx.astype(np.float32).ravel()[own]) / ro
-        gy = (py - cy.astype(np.float32).ravel()[own]) / ro
-        tex_ang = (math.pi * P[:, :, _S_TEXANG]).astype(np.float32)
+        ro = sc.radius.astype(np.float32).ravel()[own]
+        gx = (px - sc.cx.astype(np.float32).ravel()[own]) / ro  # object-frame coordinates, [n_owned]
+        gy = (py - sc.cy.astype(np.float32).ravel()[own]) / ro
+        tex_ang = (math.pi * sc.P[:, :, _S_TEXANG]).astype(np.float32)  # [B, K]
         t = gx * np.cos(tex_ang).ravel()[own] + gy * np.sin(tex_ang).ravel()[own]
-        tex = texture.ravel()[own]
+        tex = sc.texture.ravel()[own]
         stripes = (t * 2.5 - np.floor(t * 2.5)) < 0.5
         dots = (np.sin(gx * 7.0) * np.sin(gy * 7.0)) > 0.25
         second = np.where(tex == 1, ~stripes, (tex == 2) & ~dots)  # second tone of the texture
         shade = 1.0 + 0.12 * t * (tex == 0)  # solid objects: soft shading gradient
-        jit = (P[:, :, _S_TONE : _S_TONE + 3] * 36.0 - 18.0).astype(np.float32)  # [B, K, 3]
-        tones = np.stack([self._rgb[colour] + jit, self._rgb2[colour] + jit], axis=2).reshape(B * K * 2, 3)
+        jit = (sc.P[:, :, _S_TONE : _S_TONE + 3] * 36.0 - 18.0).astype(np.float32)  # [B, K, 3]
+        tones = np.stack([self._rgb[sc.colour] + jit, self._rgb2[sc.colour] + jit], axis=2).reshape(B * K * 2, 3)
         img.reshape(-1, 3)[owned] = tones[own * 2 + second] * shade[:, None]
-        mask = np.repeat(bg.astype(np.uint8), s * s)  # flat [B * S * S]
-        mask[owned] = (cls + len(self.STUFF)).astype(np.uint8).ravel()[own]
-        mask = mask.reshape(B, s, s)
 
-        counts = np.bincount(own, minlength=B * K).reshape(B, K)  # visible pixels per object
-        labels = np.zeros((B, self.NUM_CLASSES), dtype=bool)  # classes visible in the mask
-        labels[rows, bg] = True
+    def _ground_truth(
+        self, sc: _Scene, owned: np.ndarray, own: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``mask [B, S, S]`` uint8, ``labels [B, 10]`` bool (classes visible in the mask) and
+        ``counts [B, K]`` (visible pixels per object)."""
+        s = self.config.image_size
+        B, K = sc.active.shape
+        mask = np.repeat(sc.bg.astype(np.uint8), s * s)  # flat [B * S * S]
+        mask[owned] = (sc.cls + len(self.STUFF)).astype(np.uint8).ravel()[own]
+        counts = np.bincount(own, minlength=B * K).reshape(B, K)
+        labels = np.zeros((B, self.NUM_CLASSES), dtype=bool)
+        labels[np.arange(B), sc.bg] = True
         vis_b, vis_k = np.nonzero(counts)
-        labels[vis_b, len(self.STUFF) + cls[vis_b, vis_k]] = True
-        omit = P[:, :, _S_OMIT] < cfg.omit_prob
+        labels[vis_b, len(self.STUFF) + sc.cls[vis_b, vis_k]] = True
+        return mask.reshape(B, s, s), labels, counts
+
+    def _describe(
+        self, sc: _Scene, counts: np.ndarray, area: np.ndarray
+    ) -> tuple[list[str], list[list[str]], list[list[dict[str, Any]]]]:
+        """Per sample: the caption, its nouns and the object records of :meth:`generate_batch`."""
+        omit = sc.P[:, :, _S_OMIT] < self.config.omit_prob  # [B, K]
         captions, nouns, objects = [], [], []
-        for b in range(B):
+        for b in range(len(sc.bg)):
             objs = [
                 {
-                    "cls": int(cls[b, k]),
-                    "colour": int(colour[b, k]),
-                    "texture": int(texture[b, k]),
+                    "cls": int(sc.cls[b, k]),
+                    "colour": int(sc.colour[b, k]),
+                    "texture": int(sc.texture[b, k]),
                     "visible": float(counts[b, k]) / max(int(area[b, k]), 1),
                     "omit": bool(omit[b, k]),
                 }
-                for k in range(int(n_obj[b]))
+                for k in range(int(sc.n_obj[b]))
             ]
-            caption, noun_list, named = self._caption(objs, int(bg[b]), U[b])
+            caption, noun_list, named = self._caption(objs, int(sc.bg[b]), sc.U[b])
             captions.append(caption)
             nouns.append(noun_list)
             objects.append(
@@ -473,15 +557,7 @@ class SynthShapes:
                     for o, nm in zip(objs, named)
                 ]
             )
-        return {
-            "image": np.clip(img, 0.0, 255.0).astype(np.uint8),
-            "mask": mask,
-            "labels": labels,
-            "caption": captions,
-            "nouns": nouns,
-            "background": [self.STUFF[int(b)] for b in bg],
-            "objects": objects,
-        }
+        return captions, nouns, objects
 
     def generate(self, index: int, split: str = "train", seed: int = 0) -> dict[str, Any]:
         """Render sample ``index`` of ``split``: as :meth:`generate_batch` for one sample, unbatched
