@@ -14,6 +14,7 @@ import math
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,150 @@ def _fmt_tick(v: float) -> str:
     return f"{v:g}"
 
 
+@dataclass(frozen=True)
+class _PlotArea:
+    """The plot rectangle (pixels: ``left, top``, size ``pw x ph``) and the data range ``[x0, x1] x
+    [y0, y1]`` it shows."""
+
+    left: int
+    top: int
+    pw: int
+    ph: int
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+
+    def px(self, x: float) -> float:
+        return self.left + (x - self.x0) / (self.x1 - self.x0) * self.pw
+
+    def py(self, y: float) -> float:
+        return self.top + self.ph - (y - self.y0) / (self.y1 - self.y0) * self.ph
+
+
+def _curve_data(
+    series: Mapping[str, Sequence[float] | Sequence[tuple[float, float]]], logy: bool
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each series as ``(xs, ys)`` float64 arrays (``ys`` as ``log10`` when ``logy``, NaN where not positive)."""
+    data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, values in series.items():
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.ndim == 1:
+            xs, ys = np.arange(len(arr), dtype=np.float64), arr
+        elif arr.ndim == 2 and arr.shape[1] == 2:
+            xs, ys = arr[:, 0], arr[:, 1]
+        elif arr.size == 0:
+            xs, ys = np.zeros(0), np.zeros(0)
+        else:
+            raise ValueError(f"series {name!r}: expected values or (x, y) pairs, got shape {arr.shape}")
+        if logy:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ys = np.where(ys > 0, np.log10(np.where(ys > 0, ys, 1.0)), np.nan)
+        data[name] = (xs, ys)
+    return data
+
+
+def _fit_area(left: int, top: int, pw: int, ph: int, all_x: np.ndarray, all_y: np.ndarray) -> _PlotArea:
+    """The plot area showing the finite points ``all_x, all_y`` (not empty), with 5% room above and
+    below so that the extremes do not sit on the frame; a constant range is widened to stay drawable."""
+    x0, x1 = float(all_x.min()), float(all_x.max())
+    y0, y1 = float(all_y.min()), float(all_y.max())
+    if x1 == x0:
+        x1 = x0 + 1.0
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    pad_y = 0.05 * (y1 - y0)
+    return _PlotArea(left, top, pw, ph, x0, x1, y0 - pad_y, y1 + pad_y)
+
+
+def _draw_ticks(d: ImageDraw.ImageDraw, area: _PlotArea, font: Any, logy: bool) -> None:
+    """Tick marks, light grid lines and tick labels of both axes (y labels in data units when ``logy``)."""
+    left, top, pw, ph = area.left, area.top, area.pw, area.ph
+    for t in _nice_ticks(area.x0, area.x1):
+        X = area.px(t)
+        d.line([X, top + ph, X, top + ph + 4], fill=(0, 0, 0))
+        d.line([X, top, X, top + ph], fill=(232, 232, 232))
+        label = _fmt_tick(t)
+        tw, _ = _text_size(d, label, font)
+        d.text((X - tw / 2, top + ph + 6), label, fill=(0, 0, 0), font=font)
+    for t in _nice_ticks(area.y0, area.y1):
+        Y = area.py(t)
+        d.line([left - 4, Y, left, Y], fill=(0, 0, 0))
+        d.line([left, Y, left + pw, Y], fill=(232, 232, 232))
+        label = _fmt_tick(10**t if logy else t)
+        tw, th = _text_size(d, label, font)
+        d.text((left - 6 - tw, Y - th / 2 - 1), label, fill=(0, 0, 0), font=font)
+
+
+def _ema(ys: np.ndarray, smooth: float) -> np.ndarray:
+    """Exponential moving average of ``ys`` that skips non-finite values (and stays NaN there, so
+    the smoothed line breaks where the raw one does)."""
+    ema = np.empty_like(ys)
+    acc = np.nan
+    for i, v in enumerate(ys):
+        acc = v if not np.isfinite(acc) else (acc if not np.isfinite(v) else smooth * acc + (1 - smooth) * v)
+        ema[i] = acc if np.isfinite(v) else np.nan
+    return ema
+
+
+def _draw_line(
+    d: ImageDraw.ImageDraw, area: _PlotArea, xs: np.ndarray, ys: np.ndarray, fill: tuple[int, ...], width: int
+) -> None:
+    """A polyline broken at non-finite points. A lone finite point at the end (a one-point series)
+    is drawn as a dot; lone points between breaks are not drawn."""
+    seg: list[tuple[float, float]] = []
+    for x, y in zip(xs, ys):
+        if np.isfinite(x) and np.isfinite(y):
+            seg.append((area.px(float(x)), area.py(float(y))))
+        else:
+            if len(seg) > 1:
+                d.line(seg, fill=fill, width=width)
+            seg = []
+    if len(seg) > 1:
+        d.line(seg, fill=fill, width=width)
+    elif len(seg) == 1:
+        X, Y = seg[0]
+        d.ellipse([X - 2, Y - 2, X + 2, Y + 2], fill=fill)
+
+
+def _draw_series(
+    d: ImageDraw.ImageDraw,
+    area: _PlotArea,
+    data: dict[str, tuple[np.ndarray, np.ndarray]],
+    colours: np.ndarray,
+    smooth: float,
+) -> None:
+    """Every curve in its colour; with ``smooth`` the raw curve goes underneath, faint and thin."""
+    for (xs, ys), colour in zip(data.values(), colours):
+        col = tuple(int(c) for c in colour)
+        curves = [(ys, col, 2)]
+        if smooth > 0:
+            faint = tuple(int(255 - (255 - c) * 0.3) for c in col)
+            curves = [(ys, faint, 1), (_ema(ys, smooth), col, 2)]
+        for yv, c, width in curves:
+            _draw_line(d, area, xs, yv, c, width)
+
+
+def _draw_legend(
+    d: ImageDraw.ImageDraw, names: Sequence[str], colours: np.ndarray, x: int, top: int, font: Any
+) -> None:
+    """One line per series right of the plot (starting at ``x``): a colour swatch and the name (cut to 20)."""
+    for i, (name, colour) in enumerate(zip(names, colours)):
+        y = top + 6 + i * 16
+        d.line([x + 10, y + 6, x + 30, y + 6], fill=tuple(int(c) for c in colour), width=3)
+        d.text((x + 36, y), name[:20], fill=(0, 0, 0), font=font)
+
+
+def _draw_ylabel(img: Image.Image, d: ImageDraw.ImageDraw, label: str, font: Any, top: int, ph: int) -> None:
+    """``label`` rotated 90 degrees at the left edge, centred on the plot's height (PIL draws no
+    vertical text: it is drawn on a transparent tile that is rotated and pasted)."""
+    tw, th = _text_size(d, label, font)
+    txt = Image.new("RGBA", (tw + 4, th + 6), (255, 255, 255, 0))
+    ImageDraw.Draw(txt).text((2, 0), label, fill=(0, 0, 0, 255), font=font)
+    rot = txt.rotate(90, expand=True)
+    img.paste(rot, (4, top + (ph - rot.height) // 2), rot)
+
+
 def plot_curves(
     series: Mapping[str, Sequence[float] | Sequence[tuple[float, float]]],
     path: str | os.PathLike[str] | None = None,
@@ -269,26 +414,12 @@ def plot_curves(
         raise ValueError("plot_curves: no series")
     if not 0 <= smooth < 1:
         raise ValueError(f"smooth must be in [0, 1), got {smooth}")
-    data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, values in series.items():
-        arr = np.asarray(values, dtype=np.float64)
-        if arr.ndim == 1:
-            xs, ys = np.arange(len(arr), dtype=np.float64), arr
-        elif arr.ndim == 2 and arr.shape[1] == 2:
-            xs, ys = arr[:, 0], arr[:, 1]
-        elif arr.size == 0:
-            xs, ys = np.zeros(0), np.zeros(0)
-        else:
-            raise ValueError(f"series {name!r}: expected values or (x, y) pairs, got shape {arr.shape}")
-        if logy:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ys = np.where(ys > 0, np.log10(np.where(ys > 0, ys, 1.0)), np.nan)
-        data[name] = (xs, ys)
+    data = _curve_data(series, logy)
     finite = [(x[np.isfinite(y)], y[np.isfinite(y)]) for x, y in data.values()]
     all_x = np.concatenate([x for x, _ in finite]) if finite else np.zeros(0)
     all_y = np.concatenate([y for _, y in finite]) if finite else np.zeros(0)
     w, h = size
-    left, right, top, bottom = 70, 20 + 150, 34 if title else 16, 46
+    left, right, top, bottom = 70, 20 + 150, 34 if title else 16, 46  # the right margin holds the legend
     img = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)
     font = _font(11)
@@ -300,77 +431,16 @@ def plot_curves(
     if all_y.size == 0:
         d.text((left + 10, top + 10), "no finite values", fill=(160, 0, 0), font=font)
     else:
-        x0, x1 = float(all_x.min()), float(all_x.max())
-        y0, y1 = float(all_y.min()), float(all_y.max())
-        if x1 == x0:
-            x1 = x0 + 1.0
-        if y1 == y0:
-            y0, y1 = y0 - 0.5, y1 + 0.5
-        pad_y = 0.05 * (y1 - y0)
-        y0, y1 = y0 - pad_y, y1 + pad_y
-
-        def px(x: float) -> float:
-            return left + (x - x0) / (x1 - x0) * pw
-
-        def py(y: float) -> float:
-            return top + ph - (y - y0) / (y1 - y0) * ph
-
-        for t in _nice_ticks(x0, x1):
-            X = px(t)
-            d.line([X, top + ph, X, top + ph + 4], fill=(0, 0, 0))
-            d.line([X, top, X, top + ph], fill=(232, 232, 232))
-            label = _fmt_tick(t)
-            tw, _ = _text_size(d, label, font)
-            d.text((X - tw / 2, top + ph + 6), label, fill=(0, 0, 0), font=font)
-        for t in _nice_ticks(y0, y1):
-            Y = py(t)
-            d.line([left - 4, Y, left, Y], fill=(0, 0, 0))
-            d.line([left, Y, left + pw, Y], fill=(232, 232, 232))
-            label = _fmt_tick(10**t if logy else t)
-            tw, th = _text_size(d, label, font)
-            d.text((left - 6 - tw, Y - th / 2 - 1), label, fill=(0, 0, 0), font=font)
-        d.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
+        area = _fit_area(left, top, pw, ph, all_x, all_y)
+        _draw_ticks(d, area, font, logy)
+        d.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))  # again: the grid lines crossed it
         colours = palette(len(data) + 1)[1:] if len(data) > 1 else np.array([[31, 119, 180]], np.uint8)
-        for (xs, ys), colour in zip(data.values(), colours):
-            col = tuple(int(c) for c in colour)
-            curves = [(ys, col, 2)]
-            if smooth > 0:
-                ema = np.empty_like(ys)
-                acc = np.nan
-                for i, v in enumerate(ys):
-                    acc = (
-                        v if not np.isfinite(acc) else (acc if not np.isfinite(v) else smooth * acc + (1 - smooth) * v)
-                    )
-                    ema[i] = acc if np.isfinite(v) else np.nan
-                faint = tuple(int(255 - (255 - c) * 0.3) for c in col)
-                curves = [(ys, faint, 1), (ema, col, 2)]
-            for yv, c, width in curves:
-                seg: list[tuple[float, float]] = []
-                for x, y in zip(xs, yv):
-                    if np.isfinite(x) and np.isfinite(y):
-                        seg.append((px(float(x)), py(float(y))))
-                    else:
-                        if len(seg) > 1:
-                            d.line(seg, fill=c, width=width)
-                        seg = []
-                if len(seg) > 1:
-                    d.line(seg, fill=c, width=width)
-                elif len(seg) == 1:
-                    X, Y = seg[0]
-                    d.ellipse([X - 2, Y - 2, X + 2, Y + 2], fill=c)
-        for i, (name, colour) in enumerate(zip(data, colours)):
-            y = top + 6 + i * 16
-            d.line([w - right + 10, y + 6, w - right + 30, y + 6], fill=tuple(int(c) for c in colour), width=3)
-            d.text((w - right + 36, y), name[:20], fill=(0, 0, 0), font=font)
+        _draw_series(d, area, data, colours, smooth)
+        _draw_legend(d, list(data), colours, w - right, top, font)
     xl_w, _ = _text_size(d, xlabel, font)
     d.text((left + (pw - xl_w) / 2, h - 18), xlabel, fill=(0, 0, 0), font=font)
     if ylabel:
-        label = ylabel + (" (log scale)" if logy else "")
-        tw, th = _text_size(d, label, font)
-        txt = Image.new("RGBA", (tw + 4, th + 6), (255, 255, 255, 0))
-        ImageDraw.Draw(txt).text((2, 0), label, fill=(0, 0, 0, 255), font=font)
-        rot = txt.rotate(90, expand=True)
-        img.paste(rot, (4, top + (ph - rot.height) // 2), rot)
+        _draw_ylabel(img, d, ylabel + (" (log scale)" if logy else ""), font, top, ph)
     if path is not None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
