@@ -274,7 +274,6 @@ class GroupViTStage(nn.Module):
             return checkpoint(blk, x, use_reentrant=False)
         return blk(x)
 
-
     def forward_blocks(
         self, x: torch.Tensor, group_tokens: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -303,6 +302,68 @@ class GroupViTStage(nn.Module):
             return x, g, None, None
         out, hard, soft = self.group(x, g)
         return out, g, hard, soft
+
+
+def _check_stage_layout(
+    depths: list[int], num_group_tokens: list[int], num_output_groups: list[int], embed_dim: int, num_heads: int
+) -> None:
+    """Refuse stage lists that do not describe a GroupViT (one grouping block between consecutive
+    stages, none after the last) before any module is built."""
+    n = len(depths)
+    if n < 1 or any(d < 0 for d in depths):
+        raise ValueError(f"depths must be a non-empty list of non-negative ints, got {depths}")
+    if len(num_group_tokens) != n:
+        raise ValueError(f"num_group_tokens needs one value per stage ({n}), got {num_group_tokens}")
+    if len(num_output_groups) != n - 1:
+        raise ValueError(f"num_output_groups needs one value per grouping stage ({n - 1}), got {num_output_groups}")
+    if num_group_tokens[-1] != 0:
+        raise ValueError(
+            f"the last stage has no grouping block: num_group_tokens[-1] must be 0, got {num_group_tokens}"
+        )
+    if any(s <= 0 for s in num_group_tokens[:-1]) or any(s <= 0 for s in num_output_groups):
+        raise ValueError(
+            f"every grouping stage needs > 0 group tokens and output groups, got {num_group_tokens} / "
+            f"{num_output_groups}"
+        )
+    if embed_dim % num_heads != 0:
+        raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+
+
+def _build_stages(
+    dim: int,
+    num_heads: int,
+    depths: list[int],
+    num_group_tokens: list[int],
+    num_output_groups: list[int],
+    drop_path_rate: float,
+    shared: dict,
+) -> list[GroupViTStage]:
+    """The stages, each fed the previous one's group-token count; ``shared``: the
+    :class:`GroupViTStage` options common to all stages.
+
+    Stochastic depth rises linearly from 0 to ``drop_path_rate`` over all blocks of all stages
+    (not per stage), as in GroupViT.
+    """
+    n = len(depths)
+    total = sum(depths)
+    dpr = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]
+    stages = []
+    start = 0
+    for i in range(n):
+        stages.append(
+            GroupViTStage(
+                dim,
+                depths[i],
+                num_heads,
+                num_group_tokens=num_group_tokens[i],
+                num_prev_group_tokens=num_group_tokens[i - 1] if i > 0 else 0,
+                num_output_groups=num_output_groups[i] if i < n - 1 else None,
+                drop_path=dpr[start : start + depths[i]],
+                **shared,
+            )
+        )
+        start += depths[i]
+    return stages
 
 
 class GroupViTVisionEncoder(nn.Module):
@@ -369,81 +430,57 @@ class GroupViTVisionEncoder(nn.Module):
     ) -> None:
         super().__init__()
         depths, num_group_tokens, num_output_groups = list(depths), list(num_group_tokens), list(num_output_groups)
-        n = len(depths)
-        if n < 1 or any(d < 0 for d in depths):
-            raise ValueError(f"depths must be a non-empty list of non-negative ints, got {depths}")
-        if len(num_group_tokens) != n:
-            raise ValueError(f"num_group_tokens needs one value per stage ({n}), got {num_group_tokens}")
-        if len(num_output_groups) != n - 1:
-            raise ValueError(f"num_output_groups needs one value per grouping stage ({n - 1}), got {num_output_groups}")
-        if num_group_tokens[-1] != 0:
-            raise ValueError(
-                f"the last stage has no grouping block: num_group_tokens[-1] must be 0, got {num_group_tokens}"
-            )
-        if any(s <= 0 for s in num_group_tokens[:-1]) or any(s <= 0 for s in num_output_groups):
-            raise ValueError(
-                f"every grouping stage needs > 0 group tokens and output groups, got {num_group_tokens} / "
-                f"{num_output_groups}"
-            )
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        _check_stage_layout(depths, num_group_tokens, num_output_groups, embed_dim, num_heads)
         self.embed_dim = embed_dim
         self.depths = tuple(depths)
         self.num_group_tokens = tuple(num_group_tokens)
         self.num_output_groups = tuple(num_output_groups)
 
+        # registration order (patch_embed, pos_embed, fine_tokens, pos_drop, stages, norm) is the
+        # state_dict order and the order of the random initialisation: checkpoints depend on it
         self.patch_embed = PatchEmbed(
             img_size, patch_size, in_chans, embed_dim, stem=stem, stem_widths=stem_widths, stem_depths=stem_depths
         )
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
         self.fine_tokens: FineTokens | None = None
+        self._set_group_grid(group_patch_size, stem, len(depths))
+        self.pos_drop = nn.Dropout(drop_rate)
+        shared = dict(
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            hard_assignment=hard_assignment,
+            gumbel=gumbel,
+            gumbel_tau=gumbel_tau,
+            assign_eps=assign_eps,
+            assign_mlp_ratio=tuple(assign_mlp_ratio),
+            cross_attn_mlp_ratio=mlp_ratio if cross_attn_mlp_ratio is None else cross_attn_mlp_ratio,
+            act=act,
+            use_checkpoint=use_checkpoint,
+            attn_backend=attn_backend,
+            assign_impl=assign_impl,
+        )
+        self.stages = nn.ModuleList(
+            _build_stages(embed_dim, num_heads, depths, num_group_tokens, num_output_groups, drop_path_rate, shared)
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.reset_parameters()
+
+    def _set_group_grid(self, group_patch_size: int | None, stem: str, num_stages: int) -> None:
+        """``self.group_patch_size`` and, when it is finer than the patch size, ``self.fine_tokens``
+        (the module that builds the first grouping's finer token grid from the hybrid trunk)."""
         p = self.patch_embed.patch_size[0]
         self.group_patch_size = p if group_patch_size is None else int(group_patch_size)
         if self.group_patch_size != p:
             g = self.group_patch_size
             if stem != "hybrid":
                 raise ValueError(f"group_patch_size={g} (finer than patch_size={p}) needs stem='hybrid', got {stem!r}")
-            if n < 2:
+            if num_stages < 2:
                 raise ValueError("group_patch_size < patch_size needs a grouping stage (at least two stages)")
             if g < 2 or g >= p or p % g:
                 raise ValueError(f"group_patch_size must divide patch_size={p} and be in [2, {p}), got {g}")
-            self.fine_tokens = FineTokens(self.patch_embed.proj.level_channels(g), embed_dim, p // g)
-        self.pos_drop = nn.Dropout(drop_rate)
-
-        total = sum(depths)
-        dpr = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]  # linear 0 -> rate
-        stages = []
-        start = 0
-        for i in range(n):
-            stages.append(
-                GroupViTStage(
-                    embed_dim,
-                    depths[i],
-                    num_heads,
-                    num_group_tokens=num_group_tokens[i],
-                    num_prev_group_tokens=num_group_tokens[i - 1] if i > 0 else 0,
-                    num_output_groups=num_output_groups[i] if i < n - 1 else None,
-                    drop_path=dpr[start : start + depths[i]],
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    drop_rate=drop_rate,
-                    attn_drop_rate=attn_drop_rate,
-                    hard_assignment=hard_assignment,
-                    gumbel=gumbel,
-                    gumbel_tau=gumbel_tau,
-                    assign_eps=assign_eps,
-                    assign_mlp_ratio=tuple(assign_mlp_ratio),
-                    cross_attn_mlp_ratio=mlp_ratio if cross_attn_mlp_ratio is None else cross_attn_mlp_ratio,
-                    act=act,
-                    use_checkpoint=use_checkpoint,
-                    attn_backend=attn_backend,
-                    assign_impl=assign_impl,
-                )
-            )
-            start += depths[i]
-        self.stages = nn.ModuleList(stages)
-        self.norm = nn.LayerNorm(embed_dim)
-        self.reset_parameters()
+            self.fine_tokens = FineTokens(self.patch_embed.proj.level_channels(g), self.embed_dim, p // g)
 
     # ------------------------------------------------------------------ set-up
     def reset_parameters(self) -> None:
