@@ -526,20 +526,24 @@ def _hf_complete(hf_config: Any) -> Any:
     return hf_config
 
 
-def config_from_hf(hf_config: Any, **overrides: Any) -> dict:
-    """Our :class:`GroupViT` kwargs from a ``transformers.GroupViTConfig`` (or its ``to_dict()`` /
-    ``config.json``).
+# the HF config fields that shape the model's function: config_from_hf refuses a config without them
+_HF_VISION_FIELDS = (
+    "hidden_size", "intermediate_size", "depths", "num_group_tokens", "num_output_groups",
+    "num_attention_heads", "image_size", "patch_size", "num_channels", "assign_eps", "assign_mlp_ratio",
+    "hidden_act", "layer_norm_eps",
+)  # fmt: skip
+_HF_TEXT_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "vocab_size", "hidden_act", "layer_norm_eps",
+)  # fmt: skip
+_HF_TOP_FIELDS = ("projection_dim", "projection_intermediate_dim")
 
-    Every field that shapes the model's function must be present (a ``ValueError`` names those
-    that are not); only dropout rates, which change training alone, default to 0. Training-only
-    options HF does not store (drop-path) keep our defaults; ``overrides`` update the result's top
-    level (``vision=`` / ``text=`` dicts are merged).
+
+def _hf_required_fields(hf_config: Any, v: Any, t: Any) -> tuple[dict, dict, dict]:
+    """The required fields of the vision config ``v``, the text config ``t`` and the top level.
+
+    Collects every absent one before raising, so that a hand-written config is fixed in one go.
     """
-    hf_config = _hf_complete(hf_config)
-    v = _get(hf_config, "vision_config")
-    t = _get(hf_config, "text_config")
-    if v is None or t is None:
-        raise ValueError("expected a GroupViTConfig with vision_config and text_config")
     missing: list[str] = []
 
     def need(obj: Any, name: str, where: str) -> Any:
@@ -549,32 +553,23 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> dict:
             return None
         return val
 
-    vf = {
-        n: need(v, n, "vision_config.")
-        for n in (
-            "hidden_size", "intermediate_size", "depths", "num_group_tokens", "num_output_groups",
-            "num_attention_heads", "image_size", "patch_size", "num_channels", "assign_eps", "assign_mlp_ratio",
-            "hidden_act", "layer_norm_eps",
-        )
-    }  # fmt: skip
-    tf = {
-        n: need(t, n, "text_config.")
-        for n in (
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "vocab_size", "hidden_act", "layer_norm_eps",
-        )
-    }  # fmt: skip
-    top = {n: need(hf_config, n, "") for n in ("projection_dim", "projection_intermediate_dim")}
+    vf = {n: need(v, n, "vision_config.") for n in _HF_VISION_FIELDS}
+    tf = {n: need(t, n, "text_config.") for n in _HF_TEXT_FIELDS}
+    top = {n: need(hf_config, n, "") for n in _HF_TOP_FIELDS}
     if missing:
         raise ValueError(
             f"the Hugging Face GroupViT config lacks {', '.join(missing)}: pass the complete config "
             "(transformers.GroupViTConfig.from_pretrained(folder), or the config.json that save_pretrained writes)"
         )
-    _check_ln_eps(vf["layer_norm_eps"], "vision_config.layer_norm_eps")
-    _check_ln_eps(tf["layer_norm_eps"], "text_config.layer_norm_eps")
+    return vf, tf, top
+
+
+def _hf_vision_kwargs(vf: dict, v: Any) -> dict:
+    """Our :class:`GroupViTVisionEncoder` kwargs from the required vision fields ``vf`` (and the
+    optional dropouts of the vision config ``v``)."""
     depths = list(vf["depths"])
     hidden = int(vf["hidden_size"])
-    vision = {
+    return {
         "img_size": _single_size(vf["image_size"], "image_size"),
         "patch_size": int(_single_size(vf["patch_size"], "patch_size")),  # type: ignore[arg-type]
         "in_chans": int(vf["num_channels"]),
@@ -595,8 +590,12 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> dict:
         "drop_rate": float(_get(v, "dropout", 0.0) or 0.0),
         "attn_drop_rate": float(_get(v, "attention_dropout", 0.0) or 0.0),
     }
+
+
+def _hf_text_kwargs(tf: dict) -> dict:
+    """Our text-encoder kwargs from the required text fields ``tf``."""
     t_hidden = int(tf["hidden_size"])
-    text = {
+    return {
         "context_length": int(tf["max_position_embeddings"]),
         "vocab_size": int(tf["vocab_size"]),
         "width": t_hidden,
@@ -605,9 +604,28 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> dict:
         "mlp_ratio": int(tf["intermediate_size"]) / t_hidden,
         "act": _check_act(tf["hidden_act"], "text_config.hidden_act"),
     }
+
+
+def config_from_hf(hf_config: Any, **overrides: Any) -> dict:
+    """Our :class:`GroupViT` kwargs from a ``transformers.GroupViTConfig`` (or its ``to_dict()`` /
+    ``config.json``).
+
+    Every field that shapes the model's function must be present (a ``ValueError`` names those
+    that are not); only dropout rates, which change training alone, default to 0. Training-only
+    options HF does not store (drop-path) keep our defaults; ``overrides`` update the result's top
+    level (``vision=`` / ``text=`` dicts are merged).
+    """
+    hf_config = _hf_complete(hf_config)
+    v = _get(hf_config, "vision_config")
+    t = _get(hf_config, "text_config")
+    if v is None or t is None:
+        raise ValueError("expected a GroupViTConfig with vision_config and text_config")
+    vf, tf, top = _hf_required_fields(hf_config, v, t)
+    _check_ln_eps(vf["layer_norm_eps"], "vision_config.layer_norm_eps")
+    _check_ln_eps(tf["layer_norm_eps"], "text_config.layer_norm_eps")
     cfg = {
-        "vision": vision,
-        "text": text,
+        "vision": _hf_vision_kwargs(vf, v),
+        "text": _hf_text_kwargs(tf),
         "proj_dim": int(top["projection_dim"]),
         "proj_hidden": int(top["projection_intermediate_dim"]),
         "proj_layers": 2,
