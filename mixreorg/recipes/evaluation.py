@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,67 @@ def vocabulary_embeddings(
     return class_embeddings(net, names, templates)
 
 
+def _same_size_groups(dataset: Any, n: int, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """The first ``n`` items, read ``batch_size`` at a time (through ``__getitems__`` when the dataset
+    renders batches at once), each read split into groups of equal image size that can be stacked."""
+    getitems = getattr(dataset, "__getitems__", None)
+    start = 0
+    while start < n:
+        chunk = list(range(start, min(n, start + batch_size)))
+        items = getitems(chunk) if getitems is not None else [dataset[i] for i in chunk]
+        start += len(chunk)
+        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for it in items:
+            groups.setdefault(tuple(it["image"].shape[-2:]), []).append(it)
+        yield from groups.values()
+
+
+def _multiscale_logits(
+    net: nn.Module,
+    images: torch.Tensor,
+    text: torch.Tensor,
+    scales: Sequence[float],
+    *,
+    bg_thresh: float | None,
+    topk: int | None,
+    mode: str,
+) -> torch.Tensor:
+    """Segmentation logits ``[B, K, H, W]`` of ``images [B, 3, H, W]``: the mean over ``scales`` of
+    the logits of the resized images, each resized back to ``H x W``."""
+    per_scale = []
+    for f in scales:
+        x = images
+        if f != 1.0:
+            size = (max(1, round(images.shape[-2] * f)), max(1, round(images.shape[-1] * f)))
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        lg = segment(net, x, text, bg_thresh=bg_thresh, topk=topk, mode=mode)
+        if tuple(lg.shape[-2:]) != tuple(images.shape[-2:]):
+            lg = F.interpolate(lg, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+        per_scale.append(lg)
+    # single-scale (the usual case): no stacked copy of the logits
+    return per_scale[0] if len(per_scale) == 1 else torch.stack(per_scale).mean(0)
+
+
+def _score_group(
+    group: list[dict[str, Any]],
+    logits: torch.Tensor,
+    cm: ConfusionMatrix,
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    keep: int,
+) -> None:
+    """Add the predictions of ``group`` (``logits [B, K, H, W]``) to ``cm``, at each mask's own size
+    (masks may differ from the image size); append ``(image, mask, pred)`` to ``kept`` while it has
+    fewer than ``keep``."""
+    for it, lg in zip(group, logits):
+        mask = it["mask"].long()  # [H_m, W_m]
+        if tuple(lg.shape[-2:]) != tuple(mask.shape):
+            lg = F.interpolate(lg[None], size=tuple(mask.shape), mode="bilinear", align_corners=False)[0]
+        pred = lg.argmax(0).cpu()  # [H_m, W_m]
+        cm.update(pred, mask)
+        if len(kept) < keep:
+            kept.append((it["image"].cpu(), mask, pred))
+
+
 @torch.no_grad()
 def evaluate_segmentation(
     model: nn.Module,
@@ -94,44 +155,17 @@ def evaluate_segmentation(
     text = vocabulary_embeddings(net, names, templates)
     if getattr(net, "closed_vocabulary", False):
         topk = None  # nothing trains a closed-vocabulary model's image vector: no image-level top-k
-    k = len(names)
     scales = [float(f) for f in scales]
     if not scales or any(f <= 0 for f in scales):
         raise ValueError(f"scales must be positive factors, got {scales}")
+    restrict = topk if (topk or 0) < len(names) else None  # a top-k of at least every class restricts nothing
     cm = ConfusionMatrix(len(dataset.CLASS_NAMES), ignore_index=getattr(dataset, "IGNORE_INDEX", 255))
     n = len(dataset) if limit is None else min(limit, len(dataset))
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    start = 0
-    while start < n:
-        chunk = list(range(start, min(n, start + batch_size)))
-        getitems = getattr(dataset, "__getitems__", None)
-        items = getitems(chunk) if getitems is not None else [dataset[i] for i in chunk]
-        start += len(chunk)
-        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
-        for it in items:
-            groups.setdefault(tuple(it["image"].shape[-2:]), []).append(it)
-        for group in groups.values():
-            images = torch.stack([it["image"] for it in group]).to(device)
-            restrict = topk if (topk or 0) < k else None
-            per_scale = []
-            for f in scales:
-                x = images
-                if f != 1.0:
-                    size = (max(1, round(images.shape[-2] * f)), max(1, round(images.shape[-1] * f)))
-                    x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-                lg = segment(net, x, text, bg_thresh=bg_thresh, topk=restrict, mode=mode)
-                if tuple(lg.shape[-2:]) != tuple(images.shape[-2:]):
-                    lg = F.interpolate(lg, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-                per_scale.append(lg)
-            logits = per_scale[0] if len(per_scale) == 1 else torch.stack(per_scale).mean(0)
-            for it, lg in zip(group, logits):
-                mask = it["mask"].long()
-                if tuple(lg.shape[-2:]) != tuple(mask.shape):
-                    lg = F.interpolate(lg[None], size=tuple(mask.shape), mode="bilinear", align_corners=False)[0]
-                pred = lg.argmax(0).cpu()
-                cm.update(pred, mask)
-                if len(kept) < keep:
-                    kept.append((it["image"].cpu(), mask, pred))
+    for group in _same_size_groups(dataset, n, batch_size):
+        images = torch.stack([it["image"] for it in group]).to(device)  # [B, 3, H, W]
+        logits = _multiscale_logits(net, images, text, scales, bg_thresh=bg_thresh, topk=restrict, mode=mode)
+        _score_group(group, logits, cm, kept, keep)
     iou = cm.iou
     return {
         "miou": cm.miou,
