@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -97,6 +98,7 @@ def _setup(cfg: PretrainConfig) -> Run:
     # the same seeds give the same weights: seed before anything draws
     torch.manual_seed(cfg.train.seed * 1000 + rank)
     random.seed(cfg.train.seed * 1000 + rank)
+    np.random.seed(cfg.train.seed * 1000 + rank)  # noqa: NPY002 - the global state, as checkpoints save it
     model = build_model(cfg).to(device)
     optimizer, schedule = build_optimizer(model, cfg)
     stream = build_stream(cfg, cfg.train.batch_size // world, rank, world)
