@@ -9,7 +9,8 @@ here=$(pwd -P)
 if ! $PY - "$here" <<'PYCHECK' >/dev/null 2>&1
 import importlib.util, os, sys
 need = ["hypothesis", "pytest", "pytest_benchmark", "ruff", "safetensors", "timm", "transformers", "triton",
-        "einops", "instant_clip_tokenizer", "mixreorg"]
+        "einops", "instant_clip_tokenizer", "matplotlib", "tqdm", "braceexpand", "huggingface_hub", "tensorboard",
+        "fsspec", "aiohttp", "playwright", "mixreorg"]
 assert all(importlib.util.find_spec(n) is not None for n in need)
 spec = importlib.util.find_spec("mixreorg")
 assert os.path.realpath(spec.origin).startswith(sys.argv[1] + os.sep)

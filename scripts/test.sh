@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_browser.sh
 PY=${PYTHON:-python3}
 $PY -m ruff check mixreorg tests benchmarks
 $PY -m pytest -q "$@"
