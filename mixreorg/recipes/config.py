@@ -272,9 +272,62 @@ class PretrainConfig:
             problems.append(f"model.logit_scale_init is a multiplier (> 0), got {self.model.logit_scale_init}")
         if self.train.keep_last < 1:
             problems.append(f"train.keep_last must be >= 1, got {self.train.keep_last}")
+        problems += _dict_key_problems(self)
         if problems:
             raise ValueError("invalid pretraining config:\n  " + "\n  ".join(problems))
         return self
+
+
+def _dict_field_keys() -> dict[str, list[str]]:
+    """The keys each dict-typed config field accepts (``"model.vision"`` -> sorted names).
+
+    ``model.vision`` / ``model.text``: the parameters of :class:`mixreorg.nn.vision.GroupViTVisionEncoder`
+    / :class:`mixreorg.nn.text.TextEncoder` (``img_size`` and ``use_checkpoint`` are set by the builder
+    from ``data.image_size`` / ``model.use_checkpoint``, and accepted); ``model.mixreorg``: the fields of
+    :class:`mixreorg.nn.mixreorg.MixReorgConfig` plus ``seg_weight`` / ``restored_weight``;
+    ``data.synth``: the fields of :class:`mixreorg.data.synthshapes.SynthShapesConfig` except
+    ``image_size`` (``data.image_size`` sets it); ``eval.roots``: the datasets that need a root folder.
+    """
+    import inspect
+
+    from mixreorg.data.segmentation import _DATASETS
+    from mixreorg.data.synthshapes import SynthShapesConfig
+    from mixreorg.nn.mixreorg import MixReorgConfig
+    from mixreorg.nn.text import TextEncoder
+    from mixreorg.nn.vision import GroupViTVisionEncoder
+
+    def params(fn: Any) -> list[str]:
+        return [
+            n
+            for n, p in inspect.signature(fn).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+
+    return {
+        "data.synth": sorted(f.name for f in dataclasses.fields(SynthShapesConfig) if f.name != "image_size"),
+        "model.vision": sorted(params(GroupViTVisionEncoder.__init__)),
+        "model.text": sorted(params(TextEncoder.__init__)),
+        "model.mixreorg": sorted(
+            [f.name for f in dataclasses.fields(MixReorgConfig)] + ["seg_weight", "restored_weight"]
+        ),
+        "eval.roots": sorted(_DATASETS),
+    }
+
+
+def _dict_key_problems(cfg: PretrainConfig) -> list[str]:
+    """One line per dict field holding keys nothing reads (a typo would otherwise be ignored)."""
+    problems = []
+    for where, valid in _dict_field_keys().items():
+        section, name = where.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not isinstance(value, Mapping):
+            problems.append(f"{where} must be a dict, got {type(value).__name__}")
+            continue
+        norm = (lambda k: str(k).lower().replace("-", "_")) if where == "eval.roots" else str
+        unknown = sorted(str(k) for k in value if norm(k) not in valid)
+        if unknown:
+            problems.append(f"unknown key(s) in {where}: {unknown}; valid: {valid}")
+    return problems
 
 
 def _plain(x: Any) -> Any:
