@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mixreorg.data import ImageCaptionCSV, ImageCaptionFolder, ShardStream, braceexpand, expand_shards
+from mixreorg.data import ImageCaptionCSV, ImageCaptionFolder, ShardStream, expand_shards
 from mixreorg.data import transforms as T
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -77,21 +77,26 @@ def _one_epoch(stream: ShardStream) -> list[dict]:
 # ----------------------------------------------------------------------------------------- shards
 
 
-def test_braceexpand_and_shard_specs(shards: Path) -> None:
-    assert braceexpand("a{0..2}b") == ["a0b", "a1b", "a2b"]
-    assert braceexpand("x{000..010..5}") == ["x000", "x005", "x010"]
-    assert braceexpand("{a,b}{1..2}") == ["a1", "a2", "b1", "b2"]
-    assert braceexpand("p{q{1,2},r}") == ["pq1", "pq2", "pr"]
-    assert braceexpand("plain.tar") == ["plain.tar"]
+def test_brace_patterns_and_shard_specs(shards: Path) -> None:
+    # brace patterns (the braceexpand package); remote URLs and pipe: commands are expanded, not listed
+    assert expand_shards("https://h/a{0..2}b.tar") == [f"https://h/a{i}b.tar" for i in range(3)]
+    assert expand_shards("http://h/x{000..010..5}") == ["http://h/x000", "http://h/x005", "http://h/x010"]
+    assert expand_shards("http://h/{a,b}{1..2}") == ["http://h/a1", "http://h/a2", "http://h/b1", "http://h/b2"]
+    assert expand_shards("http://h/p{q{1,2},r}") == ["http://h/pq1", "http://h/pq2", "http://h/pr"]
+    assert expand_shards(["pipe:cat /d/{0,1}.tar | awk '{print}'"]) == [
+        "pipe:cat /d/0.tar | awk '{print}'",
+        "pipe:cat /d/1.tar | awk '{print}'",
+    ]
     pattern = str(shards / "shard-{00000..00001}.tar")
     assert expand_shards(pattern) == [str(shards / "shard-00000.tar"), str(shards / "shard-00001.tar")]
     assert expand_shards(shards) == expand_shards(str(shards / "*.tar")) == expand_shards(pattern)
+    assert expand_shards("file://" + pattern) == expand_shards(pattern)
     with pytest.raises(ValueError, match="shard-00002.tar does not exist"):
         expand_shards(str(shards / "shard-{00000..00002}.tar"))
-    with pytest.raises(ValueError, match="only local files"):
-        expand_shards("pipe:curl http://x/a.tar")
     with pytest.raises(ValueError, match="matches no file"):
         expand_shards(str(shards / "nope-*.tar"))
+    with pytest.raises(ValueError, match="unbalanced braces"):
+        expand_shards(str(shards / "shard-{00000..00001.tar"))
 
 
 def test_corrupt_and_captionless_samples_are_skipped_and_counted(shards: Path, caplog) -> None:

@@ -25,7 +25,7 @@ from .segmentation import (
 from .stream import SKIP_REASONS, ResumableStream, collate_samples
 from .synthshapes import CHANCE_NOTE, SynthShapes, SynthShapesConfig, SynthShapesEval, SynthShapesStream, chance_miou
 from .transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
-from .webdataset import ShardStream, braceexpand, expand_shards
+from .webdataset import ShardStream, expand_shards
 
 __all__ = [
     "ADE20K",
@@ -53,7 +53,6 @@ __all__ = [
     "SynthShapesEval",
     "SynthShapesStream",
     "VOC_CLASSES",
-    "braceexpand",
     "build_segmentation_dataset",
     "chance_miou",
     "collate_samples",
