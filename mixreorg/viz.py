@@ -1,11 +1,16 @@
-"""Pictures without matplotlib: segmentation overlays with a legend, image grids, loss curves (PIL only).
+"""Pictures: segmentation overlays with a legend and image grids (PIL); curves and bar charts (matplotlib).
 
 * :func:`overlay`: an image blended with its colourised label map, plus a legend of the classes
   present (largest first). Images may be PIL, uint8 ``[H, W, 3]`` arrays, or normalised float
   tensors ``[3, H, W]`` (denormalised with ``mean``/``std``).
 * :func:`save_segmentation_panels`: ``image | ground truth | prediction`` PNGs for a few images.
 * :func:`image_grid`: tiles side by side with optional captions underneath.
-* :func:`plot_curves`: line plot of one or more series (e.g. losses over steps) as a PNG.
+* :func:`plot_curves`: line plot of one or more series (e.g. losses over steps) as a PNG;
+  :func:`draw_curves` draws the same onto a matplotlib ``Axes`` (one panel of a larger figure).
+* :func:`plot_bars`: grouped bar chart with optional error bars and reference lines (per-class IoU,
+  the comparison table); :func:`draw_bars` onto an ``Axes``.
+* :func:`new_figure` / :func:`render` / :func:`save_figure`: matplotlib figures without pyplot (the
+  Agg canvas, no global state), rendered to a PIL image of exactly the figure's pixel size.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import math
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,12 @@ __all__ = [
     "image_grid",
     "save_segmentation_panels",
     "plot_curves",
+    "draw_curves",
+    "plot_bars",
+    "draw_bars",
+    "new_figure",
+    "render",
+    "save_figure",
 ]
 
 
@@ -225,56 +235,40 @@ def save_segmentation_panels(
     return paths
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if not math.isfinite(lo) or not math.isfinite(hi):
-        return []
-    if hi <= lo:
-        hi = lo + (abs(lo) if lo else 1.0)
-    raw = (hi - lo) / max(n, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=10 * mag)
-    start = math.ceil(lo / step) * step
-    ticks = []
-    v = start
-    while v <= hi + 1e-9 * step:
-        ticks.append(round(v, 12))
-        v += step
-    return ticks
+# ----------------------------------------------------------------------------------- matplotlib figures
+Series = Mapping[str, Sequence[float] | Sequence[tuple[float, float]]]
 
 
-def _fmt_tick(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.1e}"
-    return f"{v:g}"
+def new_figure(size: tuple[int, int] = (720, 420), dpi: int = 100) -> Any:
+    """A matplotlib ``Figure`` of ``size`` pixels on its own Agg canvas (no pyplot, no global state;
+    nothing to close: it is freed with its last reference), with the constrained layout: tick labels,
+    axis labels and legends outside the axes all fit."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
-@dataclass(frozen=True)
-class _PlotArea:
-    """The plot rectangle (pixels: ``left, top``, size ``pw x ph``) and the data range ``[x0, x1] x
-    [y0, y1]`` it shows."""
-
-    left: int
-    top: int
-    pw: int
-    ph: int
-    x0: float
-    x1: float
-    y0: float
-    y1: float
-
-    def px(self, x: float) -> float:
-        return self.left + (x - self.x0) / (self.x1 - self.x0) * self.pw
-
-    def py(self, y: float) -> float:
-        return self.top + self.ph - (y - self.y0) / (self.y1 - self.y0) * self.ph
+def render(fig: Any) -> Image.Image:
+    """The figure drawn by its Agg canvas as an RGB PIL image (exactly its pixel size)."""
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
 
 
-def _curve_data(
-    series: Mapping[str, Sequence[float] | Sequence[tuple[float, float]]], logy: bool
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each series as ``(xs, ys)`` float64 arrays (``ys`` as ``log10`` when ``logy``, NaN where not positive)."""
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Image.Image:
+    """Render ``fig`` and write it as a PNG (parent folders created; the bytes depend only on the
+    figure: PIL writes no time stamp). Returns the image."""
+    img = render(fig)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    img.save(p)
+    return img
+
+
+def _curve_data(series: Series) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each series as ``(xs, ys)`` float64 arrays (plain values get x = 0, 1, ...)."""
     data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, values in series.items():
         arr = np.asarray(values, dtype=np.float64)
@@ -286,43 +280,8 @@ def _curve_data(
             xs, ys = np.zeros(0), np.zeros(0)
         else:
             raise ValueError(f"series {name!r}: expected values or (x, y) pairs, got shape {arr.shape}")
-        if logy:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ys = np.where(ys > 0, np.log10(np.where(ys > 0, ys, 1.0)), np.nan)
         data[name] = (xs, ys)
     return data
-
-
-def _fit_area(left: int, top: int, pw: int, ph: int, all_x: np.ndarray, all_y: np.ndarray) -> _PlotArea:
-    """The plot area showing the finite points ``all_x, all_y`` (not empty), with 5% room above and
-    below so that the extremes do not sit on the frame; a constant range is widened to stay drawable."""
-    x0, x1 = float(all_x.min()), float(all_x.max())
-    y0, y1 = float(all_y.min()), float(all_y.max())
-    if x1 == x0:
-        x1 = x0 + 1.0
-    if y1 == y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    pad_y = 0.05 * (y1 - y0)
-    return _PlotArea(left, top, pw, ph, x0, x1, y0 - pad_y, y1 + pad_y)
-
-
-def _draw_ticks(d: ImageDraw.ImageDraw, area: _PlotArea, font: Any, logy: bool) -> None:
-    """Tick marks, light grid lines and tick labels of both axes (y labels in data units when ``logy``)."""
-    left, top, pw, ph = area.left, area.top, area.pw, area.ph
-    for t in _nice_ticks(area.x0, area.x1):
-        X = area.px(t)
-        d.line([X, top + ph, X, top + ph + 4], fill=(0, 0, 0))
-        d.line([X, top, X, top + ph], fill=(232, 232, 232))
-        label = _fmt_tick(t)
-        tw, _ = _text_size(d, label, font)
-        d.text((X - tw / 2, top + ph + 6), label, fill=(0, 0, 0), font=font)
-    for t in _nice_ticks(area.y0, area.y1):
-        Y = area.py(t)
-        d.line([left - 4, Y, left, Y], fill=(0, 0, 0))
-        d.line([left, Y, left + pw, Y], fill=(232, 232, 232))
-        label = _fmt_tick(10**t if logy else t)
-        tw, th = _text_size(d, label, font)
-        d.text((left - 6 - tw, Y - th / 2 - 1), label, fill=(0, 0, 0), font=font)
 
 
 def _ema(ys: np.ndarray, smooth: float) -> np.ndarray:
@@ -336,66 +295,83 @@ def _ema(ys: np.ndarray, smooth: float) -> np.ndarray:
     return ema
 
 
-def _draw_line(
-    d: ImageDraw.ImageDraw, area: _PlotArea, xs: np.ndarray, ys: np.ndarray, fill: tuple[int, ...], width: int
+def draw_curves(
+    ax: Any,
+    series: Series,
+    *,
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "",
+    logy: bool = False,
+    smooth: float = 0.0,
+    hlines: Mapping[str, float] | None = None,
+    markers: bool = False,
 ) -> None:
-    """A polyline broken at non-finite points. A lone finite point at the end (a one-point series)
-    is drawn as a dot; lone points between breaks are not drawn."""
-    seg: list[tuple[float, float]] = []
-    for x, y in zip(xs, ys):
-        if np.isfinite(x) and np.isfinite(y):
-            seg.append((area.px(float(x)), area.py(float(y))))
-        else:
-            if len(seg) > 1:
-                d.line(seg, fill=fill, width=width)
-            seg = []
-    if len(seg) > 1:
-        d.line(seg, fill=fill, width=width)
-    elif len(seg) == 1:
-        X, Y = seg[0]
-        d.ellipse([X - 2, Y - 2, X + 2, Y + 2], fill=fill)
+    """Named series (values, or ``(x, y)`` pairs) as lines on ``ax``. Non-finite points break the
+    line; ``logy``: log y axis (values <= 0 left out); ``smooth`` in ``[0, 1)``: an exponential moving
+    average drawn over the faint raw curve; ``hlines``: labelled dashed reference lines (e.g. chance);
+    a series with a single finite point (or ``markers``) is drawn with markers."""
+    if not 0 <= smooth < 1:
+        raise ValueError(f"smooth must be in [0, 1), got {smooth}")
+    data = _curve_data(series)
+    cmap = _colours(len(data))
+    drawn = 0
+    for (name, (xs, ys)), colour in zip(data.items(), cmap):
+        if logy:
+            ys = np.where(ys > 0, ys, np.nan)
+        n_finite = int(np.isfinite(ys).sum())
+        drawn += n_finite
+        mark = "o" if markers or n_finite == 1 else None
+        if smooth > 0 and n_finite > 1:
+            ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
+            ys = _ema(ys, smooth)
+        ax.plot(xs, ys, color=colour, linewidth=1.4, marker=mark, markersize=3, label=name[:28])
+    _hlines(ax, hlines)
+    if logy and drawn:
+        _log_axis(ax, data)
+    if not drawn:
+        ax.text(0.02, 0.9, "no finite values", transform=ax.transAxes, color="#a00000")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel + (" (log scale)" if logy and drawn else ""))
+    ax.grid(True, color="0.9", linewidth=0.6)
+    if data or hlines:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False, borderaxespad=0.0)
 
 
-def _draw_series(
-    d: ImageDraw.ImageDraw,
-    area: _PlotArea,
-    data: dict[str, tuple[np.ndarray, np.ndarray]],
-    colours: np.ndarray,
-    smooth: float,
-) -> None:
-    """Every curve in its colour; with ``smooth`` the raw curve goes underneath, faint and thin."""
-    for (xs, ys), colour in zip(data.values(), colours):
-        col = tuple(int(c) for c in colour)
-        curves = [(ys, col, 2)]
-        if smooth > 0:
-            faint = tuple(int(255 - (255 - c) * 0.3) for c in col)
-            curves = [(ys, faint, 1), (_ema(ys, smooth), col, 2)]
-        for yv, c, width in curves:
-            _draw_line(d, area, xs, yv, c, width)
+def _log_axis(ax: Any, data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """A log y axis labelled in plain numbers (``2``, ``0.5``; not ``2 x 10^0``), at 1-2-5 steps
+    over up to three decades (every digit under half a decade; only powers of ten beyond)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ys = np.concatenate([y[np.isfinite(y) & (y > 0)] for _, y in data.values()])
+    span = math.log10(ys.max() / ys.min())
+    subs = np.arange(1.0, 10.0) if span < 0.5 else (1.0, 2.0, 5.0) if span <= 3 else (1.0,)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=subs, numticks=12))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _draw_legend(
-    d: ImageDraw.ImageDraw, names: Sequence[str], colours: np.ndarray, x: int, top: int, font: Any
-) -> None:
-    """One line per series right of the plot (starting at ``x``): a colour swatch and the name (cut to 20)."""
-    for i, (name, colour) in enumerate(zip(names, colours)):
-        y = top + 6 + i * 16
-        d.line([x + 10, y + 6, x + 30, y + 6], fill=tuple(int(c) for c in colour), width=3)
-        d.text((x + 36, y), name[:20], fill=(0, 0, 0), font=font)
+def _hlines(ax: Any, hlines: Mapping[str, float] | None) -> None:
+    """Labelled horizontal reference lines, grey, each in its own dash pattern."""
+    for (name, value), style in zip((hlines or {}).items(), ["--", ":", "-."] * 10):
+        ax.axhline(value, color="0.35", linestyle=style, linewidth=0.9, label=name)
 
 
-def _draw_ylabel(img: Image.Image, d: ImageDraw.ImageDraw, label: str, font: Any, top: int, ph: int) -> None:
-    """``label`` rotated 90 degrees at the left edge, centred on the plot's height (PIL draws no
-    vertical text: it is drawn on a transparent tile that is rotated and pasted)."""
-    tw, th = _text_size(d, label, font)
-    txt = Image.new("RGBA", (tw + 4, th + 6), (255, 255, 255, 0))
-    ImageDraw.Draw(txt).text((2, 0), label, fill=(0, 0, 0, 255), font=font)
-    rot = txt.rotate(90, expand=True)
-    img.paste(rot, (4, top + (ph - rot.height) // 2), rot)
+def _colours(n: int) -> list[Any]:
+    """``n`` distinct matplotlib colours (tab10, then tab20, then a continuous map)."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](i / max(n - 1, 1)) for i in range(n)]
 
 
 def plot_curves(
-    series: Mapping[str, Sequence[float] | Sequence[tuple[float, float]]],
+    series: Series,
     path: str | os.PathLike[str] | None = None,
     *,
     title: str = "",
@@ -404,45 +380,79 @@ def plot_curves(
     size: tuple[int, int] = (720, 420),
     logy: bool = False,
     smooth: float = 0.0,
+    hlines: Mapping[str, float] | None = None,
 ) -> Image.Image:
-    """Line plot of named series (values, or ``(x, y)`` pairs); saved as PNG when ``path`` is given.
-
-    Non-finite points break the line. ``smooth`` in ``[0, 1)`` applies an exponential moving average
-    (the raw curve is drawn faintly underneath). ``logy`` plots ``log10(y)`` for positive ``y``.
-    """
+    """Line plot of named series (:func:`draw_curves`) as a ``size`` PIL image; saved as PNG when
+    ``path`` is given."""
     if not series:
         raise ValueError("plot_curves: no series")
-    if not 0 <= smooth < 1:
-        raise ValueError(f"smooth must be in [0, 1), got {smooth}")
-    data = _curve_data(series, logy)
-    finite = [(x[np.isfinite(y)], y[np.isfinite(y)]) for x, y in data.values()]
-    all_x = np.concatenate([x for x, _ in finite]) if finite else np.zeros(0)
-    all_y = np.concatenate([y for _, y in finite]) if finite else np.zeros(0)
-    w, h = size
-    left, right, top, bottom = 70, 20 + 150, 34 if title else 16, 46  # the right margin holds the legend
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    font = _font(11)
-    pw, ph = w - left - right, h - top - bottom
-    d.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
-    if title:
-        tw, _ = _text_size(d, title, _font(13))
-        d.text(((w - right + left - tw) // 2, 8), title, fill=(0, 0, 0), font=_font(13))
-    if all_y.size == 0:
-        d.text((left + 10, top + 10), "no finite values", fill=(160, 0, 0), font=font)
-    else:
-        area = _fit_area(left, top, pw, ph, all_x, all_y)
-        _draw_ticks(d, area, font, logy)
-        d.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))  # again: the grid lines crossed it
-        colours = palette(len(data) + 1)[1:] if len(data) > 1 else np.array([[31, 119, 180]], np.uint8)
-        _draw_series(d, area, data, colours, smooth)
-        _draw_legend(d, list(data), colours, w - right, top, font)
-    xl_w, _ = _text_size(d, xlabel, font)
-    d.text((left + (pw - xl_w) / 2, h - 18), xlabel, fill=(0, 0, 0), font=font)
-    if ylabel:
-        _draw_ylabel(img, d, ylabel + (" (log scale)" if logy else ""), font, top, ph)
-    if path is not None:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        img.save(p)
-    return img
+    fig = new_figure(size)
+    ax = fig.subplots()
+    draw_curves(ax, series, title=title, xlabel=xlabel, ylabel=ylabel, logy=logy, smooth=smooth, hlines=hlines)
+    return save_figure(fig, path) if path is not None else render(fig)
+
+
+def draw_bars(
+    ax: Any,
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    *,
+    errors: Mapping[str, Sequence[float]] | None = None,
+    title: str = "",
+    ylabel: str = "",
+    hlines: Mapping[str, float] | None = None,
+    fmt: str | None = "%.2f",
+    ylim: tuple[float, float] | None = None,
+) -> None:
+    """Grouped bars on ``ax``: one group per category, one bar per series (``errors``: symmetric error
+    bars of the same shape); NaN bars are left out and marked ``n/a``; ``fmt`` (None: none) writes
+    each bar's height above it; ``hlines``: labelled dashed reference lines; the legend (several
+    series or reference lines) goes right of the axes."""
+    if not categories or not series:
+        raise ValueError("draw_bars: no categories or no series")
+    x = np.arange(len(categories), dtype=np.float64)
+    width = 0.8 / len(series)
+    for k, ((name, vals), colour) in enumerate(zip(series.items(), _colours(len(series)))):
+        v = np.asarray(vals, dtype=np.float64)
+        if v.shape != (len(categories),):
+            raise ValueError(f"series {name!r}: {v.shape[0] if v.ndim else 0} values for {len(categories)} categories")
+        err = None if errors is None or name not in errors else np.asarray(errors[name], dtype=np.float64)
+        pos = x - 0.4 + width * (k + 0.5)
+        ok = np.isfinite(v)
+        bars = ax.bar(pos[ok], v[ok], width * 0.92, color=colour, label=name,
+                      yerr=None if err is None else np.nan_to_num(err[ok]), capsize=3 if err is not None else 0)
+        if fmt:
+            ax.bar_label(bars, fmt=fmt, fontsize=6, padding=2)
+        for p in pos[~ok]:
+            ax.text(p, 0, "n/a", ha="center", va="bottom", fontsize=6, color="0.4")
+    _hlines(ax, hlines)
+    ax.set_xticks(x, [str(c) for c in categories], rotation=30 if len(categories) > 6 else 0, ha="right"
+                  if len(categories) > 6 else "center", fontsize=8)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", color="0.9", linewidth=0.6)
+    ax.set_axisbelow(True)
+    if len(series) > 1 or hlines:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False, borderaxespad=0.0)
+
+
+def plot_bars(
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    errors: Mapping[str, Sequence[float]] | None = None,
+    title: str = "",
+    ylabel: str = "",
+    hlines: Mapping[str, float] | None = None,
+    size: tuple[int, int] = (720, 420),
+    ylim: tuple[float, float] | None = None,
+    fmt: str | None = "%.2f",
+) -> Image.Image:
+    """Grouped bar chart (:func:`draw_bars`) as a ``size`` PIL image; saved as PNG when ``path`` is given."""
+    fig = new_figure(size)
+    ax = fig.subplots()
+    draw_bars(ax, categories, series, errors=errors, title=title, ylabel=ylabel, hlines=hlines, fmt=fmt, ylim=ylim)
+    return save_figure(fig, path) if path is not None else render(fig)

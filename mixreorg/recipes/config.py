@@ -160,6 +160,8 @@ class TrainConfig:
     threads: torch CPU threads per process (0: leave torch's default).
     save_every: checkpoint interval in steps (0: only at the end); keep_last: checkpoints kept.
     log_every: JSONL / progress interval in steps.
+    log: ``jsonl`` (``metrics.jsonl``, always written: the record) or ``tensorboard`` (the same
+        scalars also in ``<out_dir>/tb/`` for TensorBoard; needs the ``tensorboard`` extra).
     """
 
     batch_size: int = 4096
@@ -173,6 +175,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
+    log: str = "jsonl"
 
 
 @dataclass
@@ -270,6 +273,8 @@ class PretrainConfig:
             )
         if self.model.logit_scale_init <= 0:
             problems.append(f"model.logit_scale_init is a multiplier (> 0), got {self.model.logit_scale_init}")
+        if self.train.log not in ("jsonl", "tensorboard"):
+            problems.append(f"train.log must be jsonl|tensorboard, got {self.train.log!r}")
         if self.train.keep_last < 1:
             problems.append(f"train.keep_last must be >= 1, got {self.train.keep_last}")
         problems += _dict_key_problems(self)

@@ -31,6 +31,7 @@ __all__ = [
     "evaluate_datasets",
     "vocabulary_embeddings",
     "save_overlays",
+    "save_iou_chart",
 ]
 
 #: GroupViT's image-level class restriction (top-5); used everywhere unless overridden.
@@ -258,6 +259,22 @@ def save_overlays(
     return p
 
 
+def save_iou_chart(res: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
+    """The per-class IoU of a :func:`evaluate_segmentation` result as a bar chart (PNG), with its
+    mIoU and, when known, the chance mIoU (prior-random) as dashed lines; a NaN IoU reads ``n/a``."""
+    from mixreorg.viz import plot_bars
+
+    names = list(res["class_names"])
+    lines = {f"mIoU {res['miou']:.3f}": float(res["miou"])}
+    if "chance" in res:
+        lines[f"chance {res['chance']['prior_random']:.3f}"] = float(res["chance"]["prior_random"])
+    width = max(720, 40 * len(names) + 160)
+    plot_bars(names, {"IoU": [float("nan") if v is None else float(v) for v in res["iou"]]}, path,
+              title=title or "per-class IoU", ylabel="IoU", hlines=lines, size=(min(width, 4000), 420),
+              ylim=(0.0, 1.05))  # fmt: skip
+    return Path(path)
+
+
 def _dataset(name: str, cfg: Any, roots: dict[str, str]) -> Any:
 
     if name == "synthshapes":
@@ -284,7 +301,8 @@ def evaluate_datasets(
 ) -> dict[str, Any]:
     """Evaluate on every dataset of ``cfg.eval.datasets`` (``scales``: multi-scale factors); with
     ``out_dir``: write ``<name>_miou.md``,
-    ``<name>_overlay.png`` and ``results.json`` there. Returns ``{name: {miou, iou, ...}}``."""
+    ``<name>_overlay.png``, the per-class IoU chart ``<name>_iou.png`` and ``results.json``
+    there. Returns ``{name: {miou, iou, ...}}``."""
     results: dict[str, Any] = {}
     names = list(cfg.eval.datasets) if cfg is not None else ["synthshapes"]
     roots = dict(cfg.eval.roots) if cfg is not None else {}
@@ -309,6 +327,7 @@ def evaluate_datasets(
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{name}_miou.md").write_text(res["table"] + "\n")
+            res["iou_plot"] = str(save_iou_chart(res, out / f"{name}_iou.png", title=f"{name}: per-class IoU"))
             if kept:
                 res["overlay"] = str(save_overlays(kept, res["class_names"], out / f"{name}_overlay.png"))
         if verbose:
@@ -324,6 +343,8 @@ def evaluate_datasets(
                 )
             if res.get("overlay"):
                 print(f"overlay: {res['overlay']}")
+            if res.get("iou_plot"):
+                print(f"IoU chart: {res['iou_plot']}")
         results[name] = res
     if out_dir is not None:
         Path(out_dir, "results.json").write_text(json.dumps(results, indent=2) + "\n")

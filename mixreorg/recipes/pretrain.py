@@ -16,8 +16,10 @@ What a run does (the loop: :mod:`mixreorg.recipes.train`; data: :mod:`~mixreorg.
 * AdamW with GroupViT's schedule: peak lr = ``optim.lr * batch / optim.base_batch``, linear warmup,
   cosine decay, no weight decay on 1-D parameters / position embeddings / group tokens; gradient
   clipping; bf16 autocast on CUDA; optional activation checkpointing (``model.use_checkpoint``);
-* logs: a progress line with loss and images/s, ``metrics.jsonl`` in the run folder, and at the
-  end ``loss.png`` (the curves) plus the zero-shot evaluation (mIoU table and overlay pictures);
+* logs: a progress bar with loss, its parts and the ETA (within ``train.time_limit``), ``metrics.jsonl``
+  in the run folder (``--log tensorboard``: the same scalars in ``tb/`` too), and at the end the
+  zero-shot evaluation (mIoU table, per-class IoU chart, overlay pictures) plus ``loss.png`` (every
+  loss term, accuracies, lr, images/s, eval mIoU);
 * checkpoints: atomic, the newest ``train.keep_last`` kept, each with model, optimizer, schedule,
   RNG states (every rank's) and data position (every rank's), so that an interrupted run resumed
   with ``--resume`` (default: resume when the run folder has a checkpoint) equals an uninterrupted
@@ -71,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--workers", type=int, help="DataLoader workers (data.num_workers)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (model.use_checkpoint)")
+    p.add_argument(
+        "--log",
+        choices=["jsonl", "tensorboard"],
+        help="train.log: jsonl (metrics.jsonl, always written) or tensorboard (also <out>/tb/ scalars)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -134,6 +141,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         cfg.data.num_workers = args.workers
     if args.checkpointing:
         cfg.model.use_checkpoint = True
+    if args.log is not None:
+        cfg.train.log = args.log
     apply_overrides(cfg, args.set)
     return cfg.validate()
 

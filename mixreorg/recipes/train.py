@@ -36,7 +36,7 @@ from .config import PretrainConfig, config_from_dict
 from .data import BatchBuilder, build_stream, to_device
 from .distributed import all_gather_object, init_distributed
 from .evaluation import evaluate_datasets
-from .logger import MetricsLog, Progress, plot_metrics, scalar_value, truncate_jsonl
+from .logger import MetricsLog, Progress, eta_seconds, plot_metrics, scalar_value, truncate_jsonl
 from .models import build_model
 from .scheduler import WarmupCosine, build_optimizer
 
@@ -132,7 +132,7 @@ def _resume(run: Run, path: Path, quiet: bool) -> None:
         run.optimizer,
         run.schedule,
         config=run.cfg.to_dict(),
-        ignore_config_keys=("train.time_limit", "eval", "train.log_every"),
+        ignore_config_keys=("train.time_limit", "eval", "train.log_every", "train.log"),
         restore_rng=False,
     )
     run.start = info["step"]
@@ -242,7 +242,8 @@ class _Window:
         rec: dict[str, Any] = {"kind": "train", "step": step, "lr": lr,
                                "img_s": self.images / max(now - self.t0, 1e-9), "time_s": train_time}
         rec.update({k: v / self.count for k, v in self.sums.items()})
-        rec["eta_s"] = (run.cfg.train.steps - step) * (train_time / max(step - run.start, 1))
+        t = run.cfg.train
+        rec["eta_s"] = eta_seconds(step, t.steps, run.start, train_time, run.elapsed(), t.time_limit)
         self.reset()
         return rec
 
@@ -274,8 +275,8 @@ def train_loop(run: Run, end: int, quiet: bool) -> int:
     ctx_len = int(getattr(run.model.inference_model().text, "context_length", 77))
     builder = BatchBuilder(cfg, ctx_len, run.rank, with_masks=getattr(run.model, "needs_masks", False))
     it = _loader(run)
-    progress = Progress(cfg.train.steps, enabled=(run.rank == 0 and not quiet))
-    log = MetricsLog(run.metrics_path, enabled=run.rank == 0)
+    log = _metrics_log(run, purge_step=run.start + 1 if run.start > 0 else None)
+    progress = Progress(cfg.train.steps, enabled=(run.rank == 0 and not quiet), start=run.start)
     window = _Window()
     run.model.train()
     step = run.start
@@ -311,6 +312,12 @@ def train_loop(run: Run, end: int, quiet: bool) -> int:
     return step
 
 
+def _metrics_log(run: Run, purge_step: int | None = None) -> MetricsLog:
+    """``metrics.jsonl`` (rank 0), and with ``train.log=tensorboard`` the same scalars in ``tb/``."""
+    tb = run.out / "tb" if run.cfg.train.log == "tensorboard" else None
+    return MetricsLog(run.metrics_path, enabled=run.rank == 0, tensorboard=tb, purge_step=purge_step)
+
+
 def _flat_eval(res: dict[str, Any]) -> dict[str, Any]:
     return {f"{name}/mIoU": r["miou"] for name, r in res.items() if isinstance(r, dict) and "miou" in r}
 
@@ -321,15 +328,20 @@ def _evaluate(run: Run, write: bool) -> dict[str, Any]:
 
 
 def _finish(run: Run, step: int, evaluate_at_end: bool) -> dict[str, Any]:
-    """The loss plot and (rank 0) the zero-shot evaluation of the finished run."""
+    """(rank 0) The zero-shot evaluation of the finished run, then the loss plot (its mIoU included)."""
     summary: dict[str, Any] = {}
     if run.rank == 0:
-        png = plot_metrics(run.metrics_path, run.out / "loss.png")
-        summary["loss_plot"] = str(png) if png else None
         if evaluate_at_end and run.cfg.eval.every >= 0:
             res = _evaluate(run, write=True)
             summary["eval"] = res
-            MetricsLog(run.metrics_path, enabled=True).write({"kind": "eval", "step": step, **_flat_eval(res)})
+            log = _metrics_log(run)
+            log.write({"kind": "eval", "step": step, **_flat_eval(res)})
+            log.close()
+        inner = getattr(run.model, "model", run.model)  # the MixReorg trainer wraps the model
+        group = getattr(inner, "group_size", None)  # MixReorg: seg/acc's chance is 1/G
+        chance = {"seg/acc": 1.0 / group} if isinstance(group, int) and group > 0 else None
+        png = plot_metrics(run.metrics_path, run.out / "loss.png", chance=chance)
+        summary["loss_plot"] = str(png) if png else None
     if run.world > 1:
         dist.barrier()
     return summary
