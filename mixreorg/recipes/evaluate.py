@@ -3,6 +3,7 @@
     python -m mixreorg.recipes.evaluate runs/tiny                      # SynthShapes eval split
     python -m mixreorg.recipes.evaluate runs/tiny/checkpoints/ckpt-000001000.pt --overlays 16
     python -m mixreorg.recipes.evaluate runs/x --dataset voc --root /data/VOCdevkit --mode slide
+    python -m mixreorg.recipes.evaluate nvidia/groupvit-gcc-yfcc --out eval/gcc-yfcc   # a Hugging Face model id
 
 The model is the inference model of a trainer model (``model.inference_model()``, a GroupViT-interface
 module; the lead's MixReorg returns its original branch). Segmentation is GroupViT's
@@ -35,7 +36,10 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mixreorg.recipes.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument(
-        "run", help="a run folder (newest checkpoint), a checkpoint file, or Hugging Face / NVlabs GroupViT weights"
+        "run",
+        help="a run folder (newest checkpoint), a checkpoint file, an export, Hugging Face / NVlabs GroupViT weights, "
+        "or a Hugging Face model id (owner/name[@revision], e.g. nvidia/groupvit-gcc-yfcc: downloaded or read from "
+        "the local cache; HF_HUB_OFFLINE=1: the cache only; a path that exists wins over an id)",
     )
     ap.add_argument("--dataset", action="append", help="synthshapes | voc | context | coco_object | ade20k")
     ap.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="dataset root, e.g. voc=/data/VOC")
@@ -43,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="image-level top-k classes (0: all)")
     ap.add_argument("--mode", choices=["whole", "slide"], help="inference mode (default whole for SynthShapes)")
     ap.add_argument("--overlays", type=int, help="images drawn in the overlay PNG")
-    ap.add_argument("--out", help="output folder (default <run>/eval)")
+    ap.add_argument("--out", help="output folder (default <run>/eval; for a model id owner/name: ./owner/eval)")
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale factors, e.g. 0.75 1 1.25")
     ap.add_argument("--classify", metavar="ROOT", help="also zero-shot classification of an ImageFolder root/<class>/")
     ap.add_argument("--image-size", type=int, help="classification input size (default: the model's)")

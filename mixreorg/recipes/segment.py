@@ -3,17 +3,21 @@
     python -m mixreorg.recipes.segment photo.jpg more/ --model runs/tiny --classes "circle, star, grass, sky"
     python -m mixreorg.recipes.segment cat.jpg --model groupvit/model.safetensors --classes "cat, sofa" \\
         --bg-thresh 0.9 --short-side 448
+    python -m mixreorg.recipes.segment photos/ --model nvidia/groupvit-gcc-yfcc --classes "dog, sky"
 
 ``--model`` takes a run folder or checkpoint of :mod:`mixreorg.recipes.pretrain` (the inference model of
-any trainer: GroupViT, GroupViT+, MixReorg), or imported GroupViT weights: a Hugging Face
-``model.safetensors`` / ``pytorch_model.bin`` (its ``config.json`` beside it is used when present) or
-an NVlabs state dict (:mod:`mixreorg.nn.weights`). Images are files or folders (jpg, jpeg, png,
-bmp, webp). Each image is resized so its short side is ``--short-side`` (default: the model's
-training size), segmented with GroupViT's zero-shot inference (:func:`mixreorg.zeroshot.segment`;
-``--bg-thresh`` adds a "background" class for pixels no name claims), and written as
-``OUT/<name>_seg.png`` (image | overlay with a legend of the classes found, largest first) and
-``OUT/<name>_labels.png`` (the label map: value i = the i-th class name; 0 = background with
-``--bg-thresh``). The class shares of every image are printed.
+any trainer: GroupViT, GroupViT+, MixReorg), an export of :mod:`mixreorg.recipes.export`, imported
+GroupViT weights: a Hugging Face ``model.safetensors`` / ``pytorch_model.bin`` (its ``config.json``
+beside it is used when present) or an NVlabs state dict (:mod:`mixreorg.nn.weights`), or a Hugging
+Face model id such as ``nvidia/groupvit-gcc-yfcc`` (downloaded, or read from the local cache; with
+``HF_HUB_OFFLINE=1`` the cache only; a path that exists wins over an id). Images are files or
+folders (jpg, jpeg, png, bmp, webp); a file that cannot be read is reported at the end (exit
+status 1) after every readable image has been segmented. Each image is resized so its short side
+is ``--short-side`` (default: the model's training size), segmented with GroupViT's zero-shot
+inference (:func:`mixreorg.zeroshot.segment`; ``--bg-thresh`` adds a "background" class for pixels
+no name claims), and written as ``OUT/<name>_seg.png`` (image | overlay with a legend of the
+classes found, largest first) and ``OUT/<name>_labels.png`` (the label map: value i = the i-th
+class name; 0 = background with ``--bg-thresh``). The class shares of every image are printed.
 """
 
 from __future__ import annotations
@@ -82,6 +86,29 @@ def _load_image(path: Path, short_side: int, multiple: int) -> tuple[np.ndarray,
     return np.asarray(img), normalize(to_tensor(img))
 
 
+def _save_outputs(
+    rgb: np.ndarray, labels: torch.Tensor, shown: Sequence[str], out: Path, stem: str
+) -> tuple[Path, Path, dict[str, float]]:
+    """Write ``<stem>_seg.png`` (image | overlay + legend) and ``<stem>_labels.png`` for ``rgb
+    [H, W, 3]`` and ``labels [H, W]``; returns both paths and the class shares, largest first."""
+    from PIL import Image
+
+    from mixreorg.viz import overlay
+
+    zoom = max(1, 256 // min(rgb.shape[:2]))  # small images are drawn enlarged (nearest) to stay legible
+    over = overlay(rgb, labels, list(shown), alpha=0.55, scale=zoom)
+    shown_rgb = Image.fromarray(rgb).resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.Resampling.NEAREST)
+    canvas = Image.new("RGB", (shown_rgb.width + over.width, over.height), (255, 255, 255))
+    canvas.paste(shown_rgb, (0, 0))
+    canvas.paste(over, (shown_rgb.width, 0))
+    seg_png, lab_png = out / f"{stem}_seg.png", out / f"{stem}_labels.png"
+    canvas.save(seg_png)
+    Image.fromarray(labels.numpy().astype(np.uint8)).save(lab_png)
+    counts = torch.bincount(labels.flatten(), minlength=len(shown)).double()  # [K']
+    shares = {shown[i]: float(c / counts.sum()) for i, c in enumerate(counts.tolist()) if c > 0}
+    return seg_png, lab_png, dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
 @torch.no_grad()
 def segment_files(
     model: nn.Module,
@@ -94,18 +121,16 @@ def segment_files(
     topk: int | None = None,
     mode: str = "whole",
     device: torch.device | str = "cpu",
+    failed: list[tuple[Path, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Segment each image file; write ``<stem>_seg.png`` and ``<stem>_labels.png`` in ``out_dir``.
 
-    Returns one dict per image: ``image``, ``overlay``, ``labels`` (paths) and ``shares``
-    (class name -> fraction of pixels, largest first)."""
-    from PIL import Image
-
-    from mixreorg.viz import overlay
-
+    Returns one dict per segmented image: ``image``, ``overlay``, ``labels`` (paths) and ``shares``
+    (class name -> fraction of pixels, largest first). An unreadable image raises ``ValueError``;
+    with a ``failed`` list it is appended there as ``(path, reason)`` and the others go on."""
     names = check_class_names(list(class_names))
     model = model.to(device)
-    text = vocabulary_embeddings(model, names)
+    text = vocabulary_embeddings(model, names)  # [K, D]
     shown = (["background"] + names) if bg_thresh is not None else names
     if len(shown) > 255:
         raise ValueError(f"at most 255 classes fit the label PNG, got {len(shown)}")
@@ -115,7 +140,13 @@ def segment_files(
     results = []
     used: set[str] = set()
     for path in images:
-        rgb, x = _load_image(path, short_side, patch)
+        try:
+            rgb, x = _load_image(path, short_side, patch)  # [H, W, 3] uint8, [3, H, W] normalised
+        except ValueError as err:
+            if failed is None:
+                raise
+            failed.append((path, str(err.__cause__ or err)))
+            continue
         labels = segment(
             model, x[None].to(device), text, bg_thresh=bg_thresh, topk=topk, mode=mode, return_labels=True,
             crop_size=short_side, stride=max(1, short_side // 2),
@@ -124,26 +155,19 @@ def segment_files(
         while stem in used:  # two folders may hold the same file name
             stem += "_"
         used.add(stem)
-        zoom = max(1, 256 // min(rgb.shape[:2]))  # small images are drawn enlarged (nearest) to stay legible
-        over = overlay(rgb, labels, shown, alpha=0.55, scale=zoom)
-        shown_rgb = Image.fromarray(rgb).resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.Resampling.NEAREST)
-        canvas = Image.new("RGB", (shown_rgb.width + over.width, over.height), (255, 255, 255))
-        canvas.paste(shown_rgb, (0, 0))
-        canvas.paste(over, (shown_rgb.width, 0))
-        seg_png, lab_png = out / f"{stem}_seg.png", out / f"{stem}_labels.png"
-        canvas.save(seg_png)
-        Image.fromarray(labels.numpy().astype(np.uint8)).save(lab_png)
-        counts = torch.bincount(labels.flatten(), minlength=len(shown)).double()
-        shares = {shown[i]: float(c / counts.sum()) for i, c in enumerate(counts.tolist()) if c > 0}
-        shares = dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+        seg_png, lab_png, shares = _save_outputs(rgb, labels, shown, out, stem)
         results.append({"image": str(path), "overlay": str(seg_png), "labels": str(lab_png), "shares": shares})
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mixreorg.recipes.segment", description=__doc__.split("\n\n")[0])
-    ap.add_argument("images", nargs="+", help="image files or folders")
-    ap.add_argument("--model", required=True, help="run folder, checkpoint, or HF / NVlabs GroupViT weights")
+    ap.add_argument("images", nargs="+", help="image files or folders (unreadable files are listed at the end)")
+    ap.add_argument(
+        "--model", required=True,
+        help="run folder, checkpoint, export, HF / NVlabs GroupViT weights, or a Hugging Face model id "
+        "(owner/name[@revision], e.g. nvidia/groupvit-gcc-yfcc; HF_HUB_OFFLINE=1: local cache only)",
+    )  # fmt: skip
     ap.add_argument("--classes", required=True, help="comma-separated class names, e.g. 'cat, dog, sofa'")
     ap.add_argument("--out", default="segmented", help="output folder (default ./segmented)")
     ap.add_argument("--short-side", type=int, help="resize short side to this (default: the model's training size)")
@@ -161,9 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--short-side must be >= 1, got {short}")
         if args.bg_thresh is not None and not 0.0 <= args.bg_thresh <= 1.0:
             raise ValueError(f"--bg-thresh must be in [0, 1], got {args.bg_thresh}")
+        failed: list[tuple[Path, str]] = []
         results = segment_files(
             model, files, names, args.out, short_side=short, bg_thresh=args.bg_thresh,
-            topk=args.topk or None, mode=args.mode, device=args.device,
+            topk=args.topk or None, mode=args.mode, device=args.device, failed=failed,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -171,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         found = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["shares"].items())
         print(f"{r['image']}: {found} -> {r['overlay']}")
+    if failed:
+        print(f"error: could not read {len(failed)} of {len(files)} image(s):", file=sys.stderr)
+        for path, reason in failed:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
