@@ -8,7 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixreorg.ops._dispatch as dispatch
-from mixreorg.ops import MixPlan, mix, mix_add, mix_add_reference, mix_reference, restore, restore_reference
+from mixreorg.ops import (
+    MixPlan,
+    mix,
+    mix_add,
+    mix_add_reference,
+    mix_reference,
+    patch_gather,
+    patch_gather_add,
+    restore,
+    restore_reference,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 IMPLS = ["torch", "triton"]
@@ -273,3 +283,73 @@ def test_data_movement_of_any_dtype_and_row_width(dtype, C):
     assert torch.equal(restore(mixed, plan, num_prefix_tokens=1, impl="torch"), x)
     offset = x[:, :, 1:] if C > 1 else x  # a view whose rows do not start on a word boundary
     assert torch.equal(restore(mix(offset, plan, num_prefix_tokens=1), plan, num_prefix_tokens=1), offset)
+
+
+# ------------------------------------------------------------------------ patch_gather validation
+def _tables(n, seed=0):
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return rows, torch.argsort(rows)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("which", ["rows", "inv_rows"])
+@pytest.mark.parametrize("bad, pattern", [(-1, r"= -1 is out of range"), (24, r"= 24 is out of range"),
+                                          (10**12, r"= 1000000000000 is out of range")])
+def test_patch_gather_rejects_out_of_range_rows(impl, which, bad, pattern):
+    """Out-of-range rows would be an out-of-bounds read in the kernel: a ValueError naming the
+    tensor, the entry, the value and the valid range, for both ops and both backends."""
+    x, y = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
+    tables = dict(zip(("rows", "inv_rows"), _tables(24)))
+    tables[which][5] = bad
+    match = rf"{which}\[5\] {pattern}; valid rows are 0\.\.23 \(24 flat rows\)"
+    with pytest.raises(ValueError, match=r"patch_gather: " + match):
+        patch_gather(x, tables["rows"], tables["inv_rows"], impl=impl)
+    with pytest.raises(ValueError, match=r"patch_gather_add: " + match):
+        patch_gather_add(y, x, tables["rows"], tables["inv_rows"], impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_patch_gather_rejects_bad_row_tables(impl):
+    x = torch.randn(4, 6, 3)
+    rows, inv = _tables(24)
+    cases = [
+        ((rows.int(), inv), r"patch_gather: rows must be int64, got torch.int32"),
+        ((rows, inv.float()), r"patch_gather: inv_rows must be int64, got torch.float32"),
+        ((rows[:23], inv), r"rows must have shape \[24\] \(one entry per flat row\), got \(23,\)"),
+        ((rows, torch.cat([inv, inv])), r"inv_rows must have shape \[24\].*got \(48,\)"),
+        ((rows.view(4, 6), inv), r"rows must have shape \[24\].*got \(4, 6\)"),
+        ((rows.to("meta"), inv), r"rows is on meta but the data is on cpu"),
+        ((rows.tolist(), inv), r"rows must be a torch.Tensor, got list"),
+    ]
+    for (r, i), match in cases:
+        with pytest.raises(ValueError, match=match):
+            patch_gather(x, r, i, impl=impl)
+    with pytest.raises(ValueError, match=r"patch_gather: x must be a \[B, L, C\] tensor \(rank 3\), got \(24, 3\)"):
+        patch_gather(x.view(24, 3), rows, inv, impl=impl)
+    with pytest.raises(ValueError, match=r"patch_gather_add: y and x must have the same shape, dtype and device"):
+        patch_gather_add(x.double(), x, rows, inv, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_patch_gather_is_the_reference_and_differentiable(impl):
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    y = torch.randn(3, 5, 4, requires_grad=True)
+    rows, inv = _tables(15, seed=3)
+    out = patch_gather_add(y, x, rows, inv, impl=impl)
+    assert torch.equal(out, y + x.reshape(15, 4)[rows].view(3, 5, 4))
+    assert torch.equal(patch_gather(x, rows, inv, impl=impl), x.reshape(15, 4)[rows].view(3, 5, 4))
+    cot = torch.randn(3, 5, 4)
+    gy, gx = torch.autograd.grad(out, (y, x), cot)
+    assert torch.equal(gy, cot) and torch.equal(gx, cot.reshape(15, 4)[inv].view(3, 5, 4))
+
+
+def test_patch_gather_checks_rows_when_compiled():
+    """The range check runs inside the custom op, so a compiled graph keeps it (and has no break)."""
+    x = torch.randn(2, 3, 4)
+    rows, inv = _tables(6)
+    f = torch.compile(lambda x, r, i: patch_gather(x, r, i, impl="torch"), backend="aot_eager", fullgraph=True)
+    assert torch.equal(f(x, rows, inv), x.reshape(6, 4)[rows].view(2, 3, 4))
+    bad = rows.clone()
+    bad[2] = 6
+    with pytest.raises(ValueError, match=r"rows\[2\] = 6 is out of range"):
+        f(x, bad, inv)

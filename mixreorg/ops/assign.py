@@ -30,17 +30,18 @@ Two implementations (``impl="auto"|"triton"|"torch"``, resolved by
 :func:`mixreorg.ops._dispatch.select_impl`):
 
 * ``torch`` (:func:`gumbel_assign_reference`): the formulas above, autograd does the rest.
-* ``triton``: two forward and two backward kernels, each over a (batch row, block of tokens)
-  grid whose tiles hold the whole (padded) group column, so the group-axis softmax and arg-max
-  stay in registers. The token-axis normaliser is a reduction over N: the first kernel writes
-  per-block partial sums (exact counts in the hard case) to a small ``[B, NB, S]`` buffer, the
-  second sums them in a fixed order -- no atomics, so the op is deterministic. The Gumbel noise
-  is generated inside the kernel from ``seed`` with Philox (``tl.rand``), never materialised.
-  Forward kernel 1 reads the logits (and noise) once and writes ``soft``, the ``[B, N]`` int16
-  arg-max and the partials; kernel 2 writes ``attn`` from the arg-max alone (hard) or recomputes
-  ``y`` (soft). Backward recomputes ``y`` from the saved logits (and seed or given noise), so the
-  op saves the logits plus the arg-max and ``[B, S]`` float32 normalisers, where the torch paths
-  save three to five ``[B, S, N]`` tensors.
+* ``triton``: one kernel (``_assign_kernel``) launched in four stages, two forward and two
+  backward, each over a (batch row, block of tokens) grid whose tiles hold the whole (padded)
+  group column, so the group-axis softmax and arg-max stay in registers. The token-axis
+  normaliser is a reduction over N: the first stage writes per-block partial sums (exact counts
+  in the hard case) to a small ``[B, NB, S]`` buffer, the second sums them in a fixed order -- no
+  atomics, so the op is deterministic. The Gumbel noise is generated inside the kernel from
+  ``seed`` with Philox (``tl.rand``), never materialised. Forward stage 1 reads the logits (and
+  noise) once and writes ``soft``, the ``[B, N]`` int16 arg-max and the partials; stage 2 writes
+  ``attn`` from the arg-max alone (hard) or recomputes ``y`` (soft). Backward recomputes ``y``
+  from the saved logits (and seed or given noise), so the op saves the logits plus the arg-max
+  and ``[B, S]`` float32 normalisers, where the torch paths save three to five ``[B, S, N]``
+  tensors.
 
 Forward value of the hard path: the Triton kernel returns the exact one-hot divided by the
 normaliser ``count + eps`` (counts are exact integers). The reference returns
@@ -134,81 +135,25 @@ def _random_seed() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels (defined only when triton imports)
+# Triton kernel (defined only when triton imports)
 # ---------------------------------------------------------------------------------------------
 if has_triton():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _gumbel_from_philox(seed, offs):
-        """Gumbel(0, 1) samples for int64 ``offs`` from Philox(seed): ``-log(-log(u))``.
+    from .utils import block_range, cast_for_store, gumbel_from_philox, load_tile_f32, to_f32
 
-        ``u`` is clamped to ``[tiny, 1 - eps]`` as torch's Gumbel does, and ``-log(u)`` to
-        ``>= eps`` so that an approximate ``log`` near 1 can never give ``log(0)`` or a NaN.
-        The noise therefore lies in ``[-4.47, 15.9]``.
-        """
-        u = tl.rand(seed, offs)
-        u = tl.minimum(tl.maximum(u, 1.1754943508222875e-38), 0.9999998807907104)
-        t = tl.maximum(-tl.log(u), 1.1920928955078125e-07)
-        return -tl.log(t)
+    # The stages of _assign_kernel, one launch each, in this order within a step.
+    _FWD_SCORES, _FWD_NORM, _BWD_REDUCE, _BWD_VJP = (tl.constexpr(i) for i in range(4))
 
     @triton.jit
-    def _to_out(v, ptr):
-        """Round float32 ``v`` to ``ptr``'s element type, round-to-nearest-even.
-
-        For bfloat16 the rounding is done on the bits first: Triton's interpreter truncates
-        float32 -> bfloat16 casts, the GPU rounds; pre-rounding makes both (and torch) agree.
-        """
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            v = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-        return v.to(ptr.dtype.element_ty)
+    def _clamp(v):
+        return tl.minimum(tl.maximum(v, -1e30), 1e30)
 
     @triton.jit
-    def _scores(
-        x_ptr,
-        g_ptr,
-        b,
-        offs_s,
-        offs_n,
-        mask,
-        S,
-        N,
-        seed,
-        tau,
-        sxb,
-        sxs,
-        sxn,
-        sgb,
-        sgs,
-        sgn,
-        GUMBEL: tl.constexpr,
-        NOISE_GIVEN: tl.constexpr,
-    ):
-        """Load a ``[BLOCK_S, BLOCK_N]`` tile and return (x, z_raw, z) in float32.
-
-        ``z_raw = (x + g) / tau`` (IEEE division), ``z = clamp(z_raw, -LIM, LIM)`` with the padded
-        group rows set to ``-inf`` so they never win the softmax or the arg-max.
-        """
-        x = tl.load(x_ptr + b * sxb + offs_s[:, None] * sxs + offs_n[None, :] * sxn, mask=mask, other=0.0).to(
-            tl.float32
-        )
-        if GUMBEL:
-            if NOISE_GIVEN:
-                g = tl.load(g_ptr + b * sgb + offs_s[:, None] * sgs + offs_n[None, :] * sgn, mask=mask, other=0.0).to(
-                    tl.float32
-                )
-            else:
-                flat = b * S * N + offs_s[:, None] * N + offs_n[None, :]  # int64 flat index
-                g = _gumbel_from_philox(seed, flat)
-            z_raw = tl.math.div_rn(x + g, tau)
-        else:
-            z_raw = tl.math.div_rn(x, tau)
-        z = tl.minimum(tl.maximum(z_raw, -1e30), 1e30)
-        z = tl.where(offs_s[:, None] < S, z, float("-inf"))  # padded token columns stay finite
-        return x, z_raw, z
+    def _unclamped(v):
+        """Where the clamp passes the gradient through."""
+        return (v >= -1e30) & (v <= 1e30)
 
     @triton.jit
     def _col_softmax(z):
@@ -218,12 +163,18 @@ if has_triton():
         return e / tl.sum(e, axis=0)[None, :]
 
     @triton.jit
-    def _tile(b, nb, S, N, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_s = offs_s < S
-        mask_n = offs_n < N
-        return offs_s, offs_n, mask_s, mask_n, mask_s[:, None] & mask_n[None, :]
+    def _soft(x, mask_s):
+        """The ``soft`` output: softmax over the groups of the clamped logits (no noise, no tau)."""
+        return _col_softmax(tl.where(mask_s[:, None], _clamp(x), float("-inf")))
+
+    @triton.jit
+    def _one_hot(offs_s, idx):
+        return offs_s[:, None] == idx[None, :]
+
+    @triton.jit
+    def _load_argmax(idx_ptr, b, N, offs_n, mask_n):
+        """The saved int16 arg-max of the block's tokens; -1 (no group) on padded tokens."""
+        return tl.load(idx_ptr + b * N + offs_n, mask=mask_n, other=-1).to(tl.int32)
 
     @triton.jit
     def _sum_partials(part_ptr, b, offs_s, mask_s, S, NB):
@@ -233,254 +184,108 @@ if has_triton():
             acc += tl.load(part_ptr + (b * NB + j) * S + offs_s, mask=mask_s, other=0.0)
         return acc
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _assign_fwd_kernel(
-        x_ptr,
-        g_ptr,
-        soft_ptr,
-        idx_ptr,
-        part_ptr,
-        S,
-        N,
-        NB,
-        seed,
-        tau,
-        sxb,
-        sxs,
-        sxn,
-        sgb,
-        sgs,
-        sgn,
-        HARD: tl.constexpr,
-        GUMBEL: tl.constexpr,
-        NOISE_GIVEN: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        """Forward, kernel 1 of 2, one program per (batch row, block of tokens): ``soft``, the
-        arg-max (hard) and the block's per-group partial sum of ``A`` over its tokens."""
-        b = tl.program_id(0).to(tl.int64)
-        nb = tl.program_id(1)
-        offs_s, offs_n, mask_s, mask_n, mask = _tile(b, nb, S, N, BLOCK_S, BLOCK_N)
-        x, _, z = _scores(
-            x_ptr, g_ptr, b, offs_s, offs_n, mask, S, N, seed, tau, sxb, sxs, sxn, sgb, sgs, sgn, GUMBEL, NOISE_GIVEN
-        )
-        xs = tl.where(mask_s[:, None], tl.minimum(tl.maximum(x, -1e30), 1e30), float("-inf"))
-        p = _col_softmax(xs)
-        tl.store(soft_ptr + b * S * N + offs_s[:, None] * N + offs_n[None, :], _to_out(p, soft_ptr), mask=mask)
-        if HARD:
-            idx = tl.argmax(z, axis=0, tie_break_left=True)  # [BLOCK_N], first max
-            tl.store(idx_ptr + b * N + offs_n, idx.to(tl.int16), mask=mask_n)
-            hit = (offs_s[:, None] == idx[None, :]) & mask
-            part = tl.sum(hit.to(tl.float32), axis=1)  # exact counts
-        else:
-            y = _col_softmax(z)
-            part = tl.sum(tl.where(mask, y, 0.0), axis=1)
-        tl.store(part_ptr + (b * NB + nb) * S + offs_s, part, mask=mask_s)
+    @triton.jit
+    def _vjp_attn(y, z_raw, ga, denom, r, mask, tau):
+        """``dx`` from the cotangent ``ga`` of ``attn``, with ``r[s] = sum_n G[s, n] A[s, n] / D``.
+
+        Normalisation (quotient rule): ``dA = (G - r) / D``. Straight-through: ``dy = dA``.
+        Softmax over groups: ``dz = w - y * sum_s w`` with ``w = y * dy = (y / D) * (G - r)``, a
+        form without the huge ``G / D`` terms that cancel when ``eps = 0`` leaves a tiny
+        normaliser; ``dx = dz / tau`` where the clamp is inactive.
+        """
+        w = tl.where(mask, (y / denom[:, None]) * (ga - r[:, None]), 0.0)  # y * dy
+        dz = w - y * tl.sum(w, axis=0)[None, :]
+        return tl.where(_unclamped(z_raw), tl.math.div_rn(dz, tau), 0.0)
+
+    @triton.jit
+    def _vjp_soft(x, gs, mask_s):
+        """``dx`` from the cotangent ``gs`` of ``soft``: ``p * (Gs - sum_s p Gs)`` where unclamped."""
+        p = _soft(x, mask_s)
+        dp = p * (gs - tl.sum(p * gs, axis=0)[None, :])
+        return tl.where(_unclamped(x), dp, 0.0)
 
     @triton.jit(do_not_specialize=["seed"])
-    def _assign_norm_kernel(
-        x_ptr,
-        g_ptr,
-        attn_ptr,
-        idx_ptr,
-        part_ptr,
-        denom_ptr,
-        S,
-        N,
-        NB,
-        seed,
-        tau,
-        eps,
-        sxb,
-        sxs,
-        sxn,
-        sgb,
-        sgs,
-        sgn,
-        HARD: tl.constexpr,
-        GUMBEL: tl.constexpr,
-        NOISE_GIVEN: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+    def _assign_kernel(
+        x_ptr, g_ptr, ga_ptr, gs_ptr, out_ptr, idx_ptr, part_ptr, denom_ptr,
+        S, N, NB, seed, tau, eps,
+        sxb, sxs, sxn, sgb, sgs, sgn, sab, sas, san, ssb, sss, ssn,
+        STAGE: tl.constexpr, HARD: tl.constexpr, GUMBEL: tl.constexpr, NOISE_GIVEN: tl.constexpr,
+        HAS_GA: tl.constexpr, HAS_GS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """Forward, kernel 2 of 2: normaliser ``D = sum(partials) + eps`` (0 -> 1), ``attn = A / D``."""
-        b = tl.program_id(0).to(tl.int64)
-        nb = tl.program_id(1)
-        offs_s, offs_n, mask_s, mask_n, mask = _tile(b, nb, S, N, BLOCK_S, BLOCK_N)
-        denom = _sum_partials(part_ptr, b, offs_s, mask_s, S, NB) + eps
-        denom = tl.where(denom > 0, denom, 1.0)
-        if nb == 0:  # saved for backward
-            tl.store(denom_ptr + b * S + offs_s, denom, mask=mask_s)
-        if HARD:
-            idx = tl.load(idx_ptr + b * N + offs_n, mask=mask_n, other=-1).to(tl.int32)
-            a = tl.where(offs_s[:, None] == idx[None, :], 1.0, 0.0)  # the exact one-hot
-        else:
-            _, _, z = _scores(
-                x_ptr,
-                g_ptr,
-                b,
-                offs_s,
-                offs_n,
-                mask,
-                S,
-                N,
-                seed,
-                tau,
-                sxb,
-                sxs,
-                sxn,
-                sgb,
-                sgs,
-                sgn,
-                GUMBEL,
-                NOISE_GIVEN,
-            )
-            a = _col_softmax(z)
-        attn = a / denom[:, None]
-        tl.store(attn_ptr + b * S * N + offs_s[:, None] * N + offs_n[None, :], _to_out(attn, attn_ptr), mask=mask)
+        """One stage of the op on the tile (batch row ``b``, block ``nb`` of ``BLOCK_N`` tokens) x
+        (every group, padded to ``BLOCK_S``). Pointers and strides a stage does not use are never read.
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _assign_bwd_reduce_kernel(
-        x_ptr,
-        g_ptr,
-        idx_ptr,
-        ga_ptr,
-        part_ptr,
-        S,
-        N,
-        NB,
-        seed,
-        tau,
-        sxb,
-        sxs,
-        sxn,
-        sgb,
-        sgs,
-        sgn,
-        sab,
-        sas,
-        san,
-        HARD: tl.constexpr,
-        GUMBEL: tl.constexpr,
-        NOISE_GIVEN: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        """Backward, kernel 1 of 2: per-block partials of ``sum_n G[s, n] * A[s, n]``."""
-        b = tl.program_id(0).to(tl.int64)
-        nb = tl.program_id(1)
-        offs_s, offs_n, mask_s, mask_n, mask = _tile(b, nb, S, N, BLOCK_S, BLOCK_N)
-        if HARD:
-            # only the chosen group of each token contributes: gather G[idx[n], n]
-            idx = tl.load(idx_ptr + b * N + offs_n, mask=mask_n, other=0).to(tl.int32)
-            gsel = tl.load(ga_ptr + b * sab + idx * sas + offs_n * san, mask=mask_n, other=0.0).to(tl.float32)
-            hit = (offs_s[:, None] == idx[None, :]) & mask
-            part = tl.sum(tl.where(hit, gsel[None, :], 0.0), axis=1)
-        else:
-            _, _, z = _scores(
-                x_ptr,
-                g_ptr,
-                b,
-                offs_s,
-                offs_n,
-                mask,
-                S,
-                N,
-                seed,
-                tau,
-                sxb,
-                sxs,
-                sxn,
-                sgb,
-                sgs,
-                sgn,
-                GUMBEL,
-                NOISE_GIVEN,
-            )
-            y = _col_softmax(z)
-            ga = tl.load(ga_ptr + b * sab + offs_s[:, None] * sas + offs_n[None, :] * san, mask=mask, other=0.0).to(
-                tl.float32
-            )
-            part = tl.sum(tl.where(mask, ga * y, 0.0), axis=1)
-        tl.store(part_ptr + (b * NB + nb) * S + offs_s, part, mask=mask_s)
-
-    @triton.jit(do_not_specialize=["seed"])
-    def _assign_bwd_kernel(
-        x_ptr,
-        g_ptr,
-        denom_ptr,
-        part_ptr,
-        ga_ptr,
-        gs_ptr,
-        dx_ptr,
-        S,
-        N,
-        NB,
-        seed,
-        tau,
-        sxb,
-        sxs,
-        sxn,
-        sgb,
-        sgs,
-        sgn,
-        sab,
-        sas,
-        san,
-        ssb,
-        sss,
-        ssn,
-        HARD: tl.constexpr,
-        GUMBEL: tl.constexpr,
-        NOISE_GIVEN: tl.constexpr,
-        HAS_GA: tl.constexpr,
-        HAS_GS: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        """Backward, kernel 2 of 2: the vector-Jacobian product for one tile.
-
-        Normalisation (quotient rule): ``dA = (G - r) / D`` with ``r[s] = sum_n G[s, n] A[s, n] / D``
-        (the partials of kernel 1). Straight-through: ``dy = dA``. Softmax over groups:
-        ``dz = w - y * sum_s w`` with ``w = y * dy = (y / D) * (G - r)``, a form without the huge
-        ``G / D`` terms that cancel when ``eps = 0`` leaves a tiny normaliser; ``dx = dz / tau``
-        where the clamp is inactive. The soft output adds ``p * (Gs - sum_s p Gs)``.
+        * ``_FWD_SCORES``: ``soft`` -> out, the arg-max -> idx (hard), the block's per-group
+          partial sums of ``A`` over its tokens -> part (exact counts when hard).
+        * ``_FWD_NORM``: ``D = sum(part) + eps`` (0 -> 1) -> denom, ``attn = A / D`` -> out.
+        * ``_BWD_REDUCE``: the block's partials of ``sum_n G[s, n] A[s, n]`` -> part.
+        * ``_BWD_VJP``: ``dlogits`` -> out (:func:`_vjp_attn` + :func:`_vjp_soft`).
         """
         b = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
-        offs_s, offs_n, mask_s, mask_n, mask = _tile(b, nb, S, N, BLOCK_S, BLOCK_N)
-        x, z_raw, z = _scores(
-            x_ptr, g_ptr, b, offs_s, offs_n, mask, S, N, seed, tau, sxb, sxs, sxn, sgb, sgs, sgn, GUMBEL, NOISE_GIVEN
-        )
-        dx = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
-        if HAS_GA:
-            denom = tl.load(denom_ptr + b * S + offs_s, mask=mask_s, other=1.0)
-            r = _sum_partials(part_ptr, b, offs_s, mask_s, S, NB) / denom
-            y = _col_softmax(z)
-            ga = tl.load(ga_ptr + b * sab + offs_s[:, None] * sas + offs_n[None, :] * san, mask=mask, other=0.0).to(
-                tl.float32
-            )
-            w = tl.where(mask, (y / denom[:, None]) * (ga - r[:, None]), 0.0)  # y * dy
-            dz = w - y * tl.sum(w, axis=0)[None, :]
-            live = (z_raw >= -1e30) & (z_raw <= 1e30)  # the gradient of the clamp
-            dx += tl.where(live, tl.math.div_rn(dz, tau), 0.0)
-        if HAS_GS:
-            xs = tl.where(mask_s[:, None], tl.minimum(tl.maximum(x, -1e30), 1e30), float("-inf"))
-            p = _col_softmax(xs)
-            gs = tl.load(gs_ptr + b * ssb + offs_s[:, None] * sss + offs_n[None, :] * ssn, mask=mask, other=0.0).to(
-                tl.float32
-            )
-            dp = p * (gs - tl.sum(p * gs, axis=0)[None, :])
-            dx += tl.where((x >= -1e30) & (x <= 1e30), dp, 0.0)
-        tl.store(dx_ptr + b * S * N + offs_s[:, None] * N + offs_n[None, :], _to_out(dx, dx_ptr), mask=mask)
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_s = offs_s < S
+        offs_n, mask_n = block_range(nb, BLOCK_N, N)
+        mask = mask_s[:, None] & mask_n[None, :]
+        flat = b * S * N + offs_s[:, None] * N + offs_n[None, :]  # into the [B, S, N] outputs; Philox index
+        part_row = part_ptr + (b * NB + nb) * S + offs_s
+        # the hard normaliser and the hard reduction need only the saved arg-max, not the scores
+        SCORES: tl.constexpr = (STAGE == _FWD_SCORES or STAGE == _BWD_VJP) or not HARD
+        if SCORES:  # z_raw = (x + g) / tau (IEEE division); z: clamped, padded groups -inf (never win)
+            x = load_tile_f32(x_ptr + b * sxb, offs_s, offs_n, sxs, sxn, mask)
+            z_raw = x
+            if GUMBEL:
+                if NOISE_GIVEN:
+                    g = load_tile_f32(g_ptr + b * sgb, offs_s, offs_n, sgs, sgn, mask)
+                else:
+                    g = gumbel_from_philox(seed, flat)
+                z_raw = x + g
+            z_raw = tl.math.div_rn(z_raw, tau)
+            z = tl.where(mask_s[:, None], _clamp(z_raw), float("-inf"))
+        if STAGE == _FWD_SCORES:
+            tl.store(out_ptr + flat, cast_for_store(_soft(x, mask_s), out_ptr), mask=mask)
+            if HARD:
+                idx = tl.argmax(z, axis=0, tie_break_left=True)  # [BLOCK_N], first max
+                tl.store(idx_ptr + b * N + offs_n, idx.to(tl.int16), mask=mask_n)
+                part = tl.sum((_one_hot(offs_s, idx) & mask).to(tl.float32), axis=1)  # exact counts
+            else:
+                part = tl.sum(tl.where(mask, _col_softmax(z), 0.0), axis=1)
+            tl.store(part_row, part, mask=mask_s)
+        elif STAGE == _FWD_NORM:
+            denom = _sum_partials(part_ptr, b, offs_s, mask_s, S, NB) + eps
+            denom = tl.where(denom > 0, denom, 1.0)
+            if nb == 0:  # saved for backward
+                tl.store(denom_ptr + b * S + offs_s, denom, mask=mask_s)
+            if HARD:
+                a = tl.where(_one_hot(offs_s, _load_argmax(idx_ptr, b, N, offs_n, mask_n)), 1.0, 0.0)
+            else:
+                a = _col_softmax(z)
+            tl.store(out_ptr + flat, cast_for_store(a / denom[:, None], out_ptr), mask=mask)
+        elif STAGE == _BWD_REDUCE:
+            if HARD:  # only the chosen group of each token contributes: gather G[idx[n], n]
+                idx = _load_argmax(idx_ptr, b, N, offs_n, mask_n)
+                gsel = to_f32(tl.load(ga_ptr + b * sab + idx * sas + offs_n * san, mask=mask_n, other=0.0))
+                part = tl.sum(tl.where(_one_hot(offs_s, idx) & mask, gsel[None, :], 0.0), axis=1)
+            else:
+                ga = load_tile_f32(ga_ptr + b * sab, offs_s, offs_n, sas, san, mask)
+                part = tl.sum(tl.where(mask, ga * _col_softmax(z), 0.0), axis=1)
+            tl.store(part_row, part, mask=mask_s)
+        else:
+            dx = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
+            if HAS_GA:
+                denom = tl.load(denom_ptr + b * S + offs_s, mask=mask_s, other=1.0)
+                r = _sum_partials(part_ptr, b, offs_s, mask_s, S, NB) / denom
+                ga = load_tile_f32(ga_ptr + b * sab, offs_s, offs_n, sas, san, mask)
+                dx += _vjp_attn(_col_softmax(z), z_raw, ga, denom, r, mask, tau)
+            if HAS_GS:
+                dx += _vjp_soft(x, load_tile_f32(gs_ptr + b * ssb, offs_s, offs_n, sss, ssn, mask), mask_s)
+            tl.store(out_ptr + flat, cast_for_store(dx, out_ptr), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _gumbel_noise_kernel(out_ptr, numel, seed, BLOCK: tl.constexpr):
         """The kernel's in-register noise, materialised (flat index -> Philox(seed, index))."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        g = _gumbel_from_philox(seed, offs)
-        tl.store(out_ptr + offs, _to_out(g, out_ptr), mask=offs < numel)
+        offs, mask = block_range(tl.program_id(0), BLOCK, numel)
+        tl.store(out_ptr + offs, cast_for_store(gumbel_from_philox(seed, offs), out_ptr), mask=mask)
 
 
 def _blocks(S: int, N: int) -> tuple[int, int, int]:
@@ -495,118 +300,68 @@ def _blocks(S: int, N: int) -> tuple[int, int, int]:
     return block_s, block_n, num_warps
 
 
-def _noise_strides(noise: torch.Tensor | None) -> tuple[int, int, int]:
-    return tuple(noise.stride()) if noise is not None else (0, 0, 0)
+def _partials(logits: torch.Tensor) -> torch.Tensor:
+    """The ``[B, NB, S]`` float32 buffer of per-block partial sums over the token axis."""
+    B, S, N = logits.shape
+    return torch.empty((B, triton.cdiv(N, _blocks(S, N)[1]), S), dtype=torch.float32, device=logits.device)
+
+
+def _launch(stage, logits, noise, cfg, *, part, out=None, idx=None, denom=None, ga=None, gs=None, eps=0.0):
+    """Run ``stage`` of :func:`_assign_kernel` on the ``(B, NB)`` grid.
+
+    ``cfg = (seed, tau, hard, gumbel)``; ``noise`` is None unless given and used. A tensor a stage
+    does not use may be None: the kernel gets ``logits`` in its place and never reads it.
+    """
+    B, S, N = logits.shape
+    block_s, block_n, num_warps = _blocks(S, N)
+    seed, tau, hard, gumbel = cfg
+    ptrs = [logits if t is None else t for t in (noise, ga, gs, out, idx, part, denom)]
+    strides = [s for t in (logits, noise, ga, gs) for s in (t.stride() if t is not None else (0, 0, 0))]
+    _assign_kernel[(B, part.shape[1])](
+        logits, *ptrs, S, N, part.shape[1], seed, tau, eps, *strides,
+        STAGE=stage.value, HARD=hard, GUMBEL=gumbel, NOISE_GIVEN=noise is not None,
+        HAS_GA=ga is not None, HAS_GS=gs is not None, BLOCK_S=block_s, BLOCK_N=block_n, num_warps=num_warps,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd Function around the kernels
+# autograd Function around the kernel
 # ---------------------------------------------------------------------------------------------
 class _GumbelAssignTriton(torch.autograd.Function):
     """Fused forward/backward. Saves logits, (noise if given), int16 arg-max [B, N], normaliser [B, S].
 
-    Grid (B, cdiv(N, BLOCK_N)) in each of the two forward and two backward kernels; the
-    token-axis reductions go through ``[B, NB, S]`` float32 partials summed in a fixed order (no
-    atomics: deterministic).
+    Two forward and two backward launches of :func:`_assign_kernel` on the grid
+    (B, cdiv(N, BLOCK_N)); the token-axis reductions go through ``[B, NB, S]`` float32 partials
+    summed in a fixed order (no atomics: deterministic).
     """
 
     @staticmethod
     def forward(ctx, logits, noise, seed, tau, hard, gumbel, eps):  # type: ignore[override]
-        B, S, N = logits.shape
-        dev = logits.device
-        block_s, block_n, num_warps = _blocks(S, N)
-        nb = triton.cdiv(N, block_n)
-        attn = torch.empty((B, S, N), dtype=logits.dtype, device=dev)
+        noise = noise if gumbel else None
+        cfg = (seed, float(tau), hard, gumbel)
+        attn = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         soft = torch.empty_like(attn)
-        part = torch.empty((B, nb, S), dtype=torch.float32, device=dev)
-        denom = torch.empty((B, S), dtype=torch.float32, device=dev)
-        idx = torch.empty((B, N), dtype=torch.int16, device=dev) if hard else None
-        noise_given = gumbel and noise is not None
-        g_arg = noise if noise_given else logits  # never read when not given
-        common = dict(
-            HARD=hard, GUMBEL=gumbel, NOISE_GIVEN=noise_given, BLOCK_S=block_s, BLOCK_N=block_n, num_warps=num_warps
-        )
-        strides = (*logits.stride(), *_noise_strides(noise if noise_given else None))
-        idx_arg = idx if hard else part  # never read when not hard
-        _assign_fwd_kernel[(B, nb)](logits, g_arg, soft, idx_arg, part, S, N, nb, seed, float(tau), *strides, **common)
-        _assign_norm_kernel[(B, nb)](
-            logits,
-            g_arg,
-            attn,
-            idx_arg,
-            part,
-            denom,
-            S,
-            N,
-            nb,
-            seed,
-            float(tau),
-            float(eps),
-            *strides,
-            **common,
-        )
+        part = _partials(logits)
+        denom = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+        idx = torch.empty((logits.shape[0], logits.shape[2]), dtype=torch.int16, device=logits.device) if hard else None
+        _launch(_FWD_SCORES, logits, noise, cfg, part=part, out=soft, idx=idx)
+        _launch(_FWD_NORM, logits, noise, cfg, part=part, out=attn, idx=idx, denom=denom, eps=float(eps))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, noise if noise_given else None, idx, denom)
-        ctx.cfg = (seed, float(tau), hard, gumbel, noise_given)
+        ctx.save_for_backward(logits, noise, idx, denom)
+        ctx.cfg = cfg
         return attn, soft
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_attn, grad_soft):  # type: ignore[override]
         logits, noise, idx, denom = ctx.saved_tensors
-        seed, tau, hard, gumbel, noise_given = ctx.cfg
         if (grad_attn is None and grad_soft is None) or not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
-        B, S, N = logits.shape
-        block_s, block_n, num_warps = _blocks(S, N)
-        nb = triton.cdiv(N, block_n)
-        dx = torch.empty((B, S, N), dtype=logits.dtype, device=logits.device)
-        part = torch.empty((B, nb, S), dtype=torch.float32, device=logits.device)
-        ga = grad_attn if grad_attn is not None else dx  # never read when absent
-        gs = grad_soft if grad_soft is not None else dx
-        g_arg = noise if noise_given else logits
-        strides = (*logits.stride(), *_noise_strides(noise))
-        ga_strides = ga.stride() if grad_attn is not None else (0, 0, 0)
-        gs_strides = gs.stride() if grad_soft is not None else (0, 0, 0)
-        common = dict(
-            HARD=hard, GUMBEL=gumbel, NOISE_GIVEN=noise_given, BLOCK_S=block_s, BLOCK_N=block_n, num_warps=num_warps
-        )
+        dx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        part = _partials(logits)
         if grad_attn is not None:
-            _assign_bwd_reduce_kernel[(B, nb)](
-                logits,
-                g_arg,
-                idx if hard else part,
-                ga,
-                part,
-                S,
-                N,
-                nb,
-                seed,
-                tau,
-                *strides,
-                *ga_strides,
-                **common,
-            )
-        _assign_bwd_kernel[(B, nb)](
-            logits,
-            g_arg,
-            denom,
-            part,
-            ga,
-            gs,
-            dx,
-            S,
-            N,
-            nb,
-            seed,
-            tau,
-            *strides,
-            *ga_strides,
-            *gs_strides,
-            HAS_GA=grad_attn is not None,
-            HAS_GS=grad_soft is not None,
-            **common,
-        )
+            _launch(_BWD_REDUCE, logits, noise, ctx.cfg, part=part, idx=idx, ga=grad_attn)
+        _launch(_BWD_VJP, logits, noise, ctx.cfg, part=part, out=dx, denom=denom, ga=grad_attn, gs=grad_soft)
         return dx, None, None, None, None, None, None
 
 
@@ -669,14 +424,8 @@ def sample_gumbel(
 
 
 def gumbel_assign_reference(
-    logits: torch.Tensor,
-    *,
-    tau: float = 1.0,
-    hard: bool = True,
-    gumbel: bool = True,
-    eps: float = 1.0,
-    seed: int | None = None,
-    noise: torch.Tensor | None = None,
+    logits: torch.Tensor, *, tau: float = 1.0, hard: bool = True, gumbel: bool = True, eps: float = 1.0,
+    seed: int | None = None, noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch assignment (any device, any floating dtype; autograd does the backward).
 
@@ -707,15 +456,8 @@ def gumbel_assign_reference(
 
 
 def gumbel_assign(
-    logits: torch.Tensor,
-    *,
-    tau: float = 1.0,
-    hard: bool = True,
-    gumbel: bool = True,
-    eps: float = 1.0,
-    seed: int | None = None,
-    noise: torch.Tensor | None = None,
-    impl: str = "auto",
+    logits: torch.Tensor, *, tau: float = 1.0, hard: bool = True, gumbel: bool = True, eps: float = 1.0,
+    seed: int | None = None, noise: torch.Tensor | None = None, impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Assign each token to one group: hard Gumbel-softmax over groups, then token normalisation.
 

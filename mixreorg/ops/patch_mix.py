@@ -16,6 +16,10 @@ which equals an fp32 add rounded once):
 * ``triton``: one fused kernel reading strided inputs directly (no ``.contiguous()`` copies) and,
   for ``mix_add``, reading ``y`` and ``x`` once and writing once.
 
+``patch_gather`` / ``patch_gather_add`` take arbitrary row tables and check them (dtype, length,
+device, and every entry in ``[0, B * L)``: a kernel reading through a bad entry would read out of
+bounds); ``mix`` / ``restore`` / ``mix_add`` use a plan's tables, permutations by construction.
+
 The primitives are registered as ``torch.library`` custom ops (``mixreorg::patch_gather`` and
 ``mixreorg::patch_gather_add``) with fake kernels and autograd, so ``torch.compile`` traces them
 without graph breaks.
@@ -27,6 +31,7 @@ import torch
 
 from ._dispatch import has_triton, select_impl
 from .plan import MixPlan
+from .utils import check_index_range, check_index_tensor
 
 __all__ = [
     "mix",
@@ -91,51 +96,35 @@ if has_triton():
     import triton
     import triton.language as tl
 
+    from .utils import block_range, cast_for_store, tile_offsets, to_f32
+
     @triton.jit
-    def _f32_to_bf16_rtne(f):
-        # fp32 -> bf16 with round-to-nearest-even, as torch rounds (NaN -> canonical 0x7FC0).
-        # Written with integer ops so that Triton's CPU interpreter (whose bf16 casts truncate)
-        # and the GPU agree bit for bit.
-        bits = f.to(tl.uint32, bitcast=True)
-        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
-        rounded = tl.where(f != f, 0x7FC0, rounded)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    def _row_offsets(flat, L, stride_b, stride_l):
+        """Element offsets of the flat ``(b, t)`` rows ``flat = b * L + t`` of a strided ``[B, L, C]``."""
+        b = flat // L
+        return b * stride_b + (flat - b * L) * stride_l
 
     @triton.jit
     def _patch_gather_kernel(
         x_ptr, y_ptr, out_ptr, rows_ptr,
         n_rows, L, C,
         sxb, sxl, sxc, syb, syl, syc,
-        ADD: tl.constexpr, ADD_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        ADD: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        pid_r = tl.program_id(0).to(tl.int64)
-        pid_c = tl.program_id(1).to(tl.int64)
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # flat (b, t) output rows
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-        rmask = r < n_rows
-        cmask = cols < C
-        src = tl.load(rows_ptr + r, mask=rmask, other=0)  # flat source row of each output row
-        sb = src // L
-        st = src - sb * L
+        r, rmask = block_range(tl.program_id(0), BLOCK_R, n_rows)  # flat (b, t) output rows
+        cols, cmask = block_range(tl.program_id(1), BLOCK_C, C)
         mask = rmask[:, None] & cmask[None, :]
-        x_off = sb[:, None] * sxb + st[:, None] * sxl + cols[None, :] * sxc
-        v = tl.load(x_ptr + x_off, mask=mask)
+        src = tl.load(rows_ptr + r, mask=rmask, other=0)  # flat source row of each output row
+        v = tl.load(x_ptr + tile_offsets(_row_offsets(src, L, sxb, sxl), cols, 1, sxc), mask=mask)
         if ADD:
-            b = r // L
-            t = r - b * L
-            y_off = b[:, None] * syb + t[:, None] * syl + cols[None, :] * syc
-            w = tl.load(y_ptr + y_off, mask=mask)
+            w = tl.load(y_ptr + tile_offsets(_row_offsets(r, L, syb, syl), cols, 1, syc), mask=mask)
             # half types: one fp32 add rounded once == the correctly rounded add (p' >= 2p + 2),
             # which is what torch computes.
-            if ADD_MODE == 1:  # fp16
-                v = (w.to(tl.float32) + v.to(tl.float32)).to(tl.float16)
-            elif ADD_MODE == 2:  # bf16
-                v = _f32_to_bf16_rtne(w.to(tl.float32) + v.to(tl.float32))
+            if HALF:
+                v = cast_for_store(to_f32(w) + to_f32(v), out_ptr)
             else:
                 v = w + v
-        tl.store(out_ptr + r[:, None] * C + cols[None, :], v, mask=mask)
-
-    _ADD_MODE = {torch.float16: 1, torch.bfloat16: 2}
+        tl.store(out_ptr + tile_offsets(r, cols, C, 1), v, mask=mask)
 
     def _launch(x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x.shape
@@ -153,7 +142,7 @@ if has_triton():
             x, ys, out, rows,
             n_rows, L, C,
             x.stride(0), x.stride(1), x.stride(2), ys.stride(0), ys.stride(1), ys.stride(2),
-            ADD=y is not None, ADD_MODE=_ADD_MODE.get(x.dtype, 0), BLOCK_R=block_r, BLOCK_C=block_c,
+            ADD=y is not None, HALF=x.dtype in (torch.float16, torch.bfloat16), BLOCK_R=block_r, BLOCK_C=block_c,
         )
         return out
 else:  # pragma: no cover - exercised only where triton is absent
@@ -165,27 +154,33 @@ else:  # pragma: no cover - exercised only where triton is absent
 # ---------------------------------------------------------------------------------------------
 # custom ops (+ autograd: the backward of a permutation gather is the inverse gather)
 # ---------------------------------------------------------------------------------------------
+# ``check`` runs the range check of the row tables inside the op, where it is opaque to
+# torch.compile (a data-dependent check in the Python wrapper would break the graph). The backward
+# passes False: the forward checked both tables already.
 @torch.library.custom_op("mixreorg::patch_gather", mutates_args=())
-def _patch_gather_op(x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor, impl: str) -> torch.Tensor:
+def _patch_gather_op(x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor, impl: str,
+                     check: bool) -> torch.Tensor:
+    if check:
+        _check_rows_range("patch_gather", x, rows, inv_rows)
     if impl == "triton":
         return _launch(x, rows, None)
     return _gather_torch(x, rows)
 
 
 @_patch_gather_op.register_fake
-def _(x, rows, inv_rows, impl):
+def _(x, rows, inv_rows, impl, check):
     return x.new_empty(x.shape)
 
 
 def _gather_setup(ctx, inputs, output):
-    _, rows, inv_rows, impl = inputs
+    _, rows, inv_rows, impl, _ = inputs
     ctx.save_for_backward(rows, inv_rows)
     ctx.impl = impl
 
 
 def _gather_backward(ctx, grad):
     rows, inv_rows = ctx.saved_tensors
-    return _patch_gather_op(grad, inv_rows, rows, ctx.impl), None, None, None
+    return _patch_gather_op(grad, inv_rows, rows, ctx.impl, False), None, None, None, None
 
 
 _patch_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -193,47 +188,56 @@ _patch_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup
 
 @torch.library.custom_op("mixreorg::patch_gather_add", mutates_args=())
 def _patch_gather_add_op(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor,
-                         impl: str) -> torch.Tensor:
+                         impl: str, check: bool) -> torch.Tensor:
+    if check:
+        _check_rows_range("patch_gather_add", x, rows, inv_rows)
     if impl == "triton":
         return _launch(x, rows, y)
     return _gather_torch(x, rows).add_(y)
 
 
 @_patch_gather_add_op.register_fake
-def _(y, x, rows, inv_rows, impl):
+def _(y, x, rows, inv_rows, impl, check):
     return y.new_empty(y.shape)
 
 
 def _gather_add_setup(ctx, inputs, output):
-    _, _, rows, inv_rows, impl = inputs
+    _, _, rows, inv_rows, impl, _ = inputs
     ctx.save_for_backward(rows, inv_rows)
     ctx.impl = impl
 
 
 def _gather_add_backward(ctx, grad):
     rows, inv_rows = ctx.saved_tensors
-    return grad, _patch_gather_op(grad, inv_rows, rows, ctx.impl), None, None, None
+    return grad, _patch_gather_op(grad, inv_rows, rows, ctx.impl, False), None, None, None, None
 
 
 _patch_gather_add_op.register_autograd(_gather_add_backward, setup_context=_gather_add_setup)
 
 
 # ---------------------------------------------------------------------------------------------
-# public functional API
+# validation
 # ---------------------------------------------------------------------------------------------
-def patch_gather(x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Low-level row gather of ``x: [B, L, C]``: ``out.row[r] = x.row[rows[r]]`` for a
-    permutation ``rows: [B * L]`` of the flat rows whose inverse ``inv_rows`` drives the
-    backward. Prefer :func:`mix` / :func:`restore`."""
-    impl = select_impl(impl, (x, rows), "patch_gather")
-    return _patch_gather_op(x, rows, inv_rows, impl)
+def _check_rows_meta(op: str, x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be a [B, L, C] tensor (rank 3), got {shape}")
+    n_rows = x.shape[0] * x.shape[1]
+    check_index_tensor(op, "rows", rows, n_rows, x.device)
+    check_index_tensor(op, "inv_rows", inv_rows, n_rows, x.device)
 
 
-def patch_gather_add(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor,
-                     impl: str = "auto") -> torch.Tensor:
-    """Low-level fused ``y + patch_gather(x, ...)``."""
-    impl = select_impl(impl, (y, x, rows), "patch_gather_add")
-    return _patch_gather_add_op(y, x, rows, inv_rows, impl)
+def _check_rows_range(op: str, x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor) -> None:
+    check_index_range(op, (("rows", rows), ("inv_rows", inv_rows)), x.shape[0] * x.shape[1])
+
+
+def _check_like(op: str, y: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
+        got = f"{tuple(y.shape)} {y.dtype} {y.device}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(
+            f"{op}: y and x must have the same shape, dtype and device; got y {got} "
+            f"and x {tuple(x.shape)} {x.dtype} {x.device}"
+        )
 
 
 def _check(x: torch.Tensor, plan: MixPlan, pre: int, suf: int, op: str) -> None:
@@ -242,6 +246,36 @@ def _check(x: torch.Tensor, plan: MixPlan, pre: int, suf: int, op: str) -> None:
     plan.validate_for(x, pre, suf, op)
 
 
+# ---------------------------------------------------------------------------------------------
+# public functional API
+# ---------------------------------------------------------------------------------------------
+def patch_gather(x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Low-level row gather of ``x: [B, L, C]``: ``out.row[r] = x.row[rows[r]]`` for a
+    permutation ``rows: [B * L]`` (int64, on ``x``'s device) of the flat rows whose inverse
+    ``inv_rows`` drives the backward. Prefer :func:`mix` / :func:`restore`.
+
+    Raises ``ValueError`` for a wrong dtype, length or device of ``rows``/``inv_rows`` and for
+    entries outside ``[0, B * L)`` (one min/max reduction and one device sync per call); that
+    either table is a permutation, and ``inv_rows`` its inverse, is not checked.
+    """
+    _check_rows_meta("patch_gather", x, rows, inv_rows)
+    impl = select_impl(impl, (x, rows, inv_rows), "patch_gather")
+    return _patch_gather_op(x, rows, inv_rows, impl, True)
+
+
+def patch_gather_add(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, inv_rows: torch.Tensor,
+                     impl: str = "auto") -> torch.Tensor:
+    """Low-level fused ``y + patch_gather(x, ...)``; ``y`` has ``x``'s shape, dtype and device.
+    Validates like :func:`patch_gather`."""
+    _check_rows_meta("patch_gather_add", x, rows, inv_rows)
+    _check_like("patch_gather_add", y, x)
+    impl = select_impl(impl, (y, x, rows, inv_rows), "patch_gather_add")
+    return _patch_gather_add_op(y, x, rows, inv_rows, impl, True)
+
+
+# mix / restore / mix_add skip the range check: the tables of a MixPlan are permutations of the
+# flat rows by construction (MixPlan.from_permutation checks them), and a per-call check would
+# cost a device sync in every mixing layer.
 def mix(x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0, num_suffix_tokens: int = 0,
         impl: str = "auto") -> torch.Tensor:
     """Mix the patch tokens of ``x: [B, L, C]`` across the images of each group.
@@ -252,7 +286,7 @@ def mix(x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0, num_suffi
     """
     _check(x, plan, num_prefix_tokens, num_suffix_tokens, "mix")
     rows, inv_rows = plan.rows(x.shape[1], num_prefix_tokens)
-    return patch_gather(x, rows, inv_rows, impl)
+    return _patch_gather_op(x, rows, inv_rows, select_impl(impl, (x,), "mix"), False)
 
 
 def restore(x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0, num_suffix_tokens: int = 0,
@@ -260,7 +294,7 @@ def restore(x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0, num_s
     """Undo :func:`mix`: ``restore(mix(x, plan), plan) == x`` bit for bit."""
     _check(x, plan, num_prefix_tokens, num_suffix_tokens, "restore")
     rows, inv_rows = plan.rows(x.shape[1], num_prefix_tokens)
-    return patch_gather(x, inv_rows, rows, impl)
+    return _patch_gather_op(x, inv_rows, rows, select_impl(impl, (x,), "restore"), False)
 
 
 def mix_add(y: torch.Tensor, x: torch.Tensor, plan: MixPlan, *, num_prefix_tokens: int = 0,
@@ -270,13 +304,9 @@ def mix_add(y: torch.Tensor, x: torch.Tensor, plan: MixPlan, *, num_prefix_token
     On the prefix/suffix tokens this is ``y + x``.
     """
     _check(x, plan, num_prefix_tokens, num_suffix_tokens, "mix_add")
-    if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
-        raise ValueError(
-            f"mix_add: y and x must have the same shape, dtype and device; got y {tuple(y.shape)} "
-            f"{y.dtype} {y.device} and x {tuple(x.shape)} {x.dtype} {x.device}"
-        )
+    _check_like("mix_add", y, x)
     rows, inv_rows = plan.rows(x.shape[1], num_prefix_tokens)
-    return patch_gather_add(y, x, rows, inv_rows, impl)
+    return _patch_gather_add_op(y, x, rows, inv_rows, select_impl(impl, (y, x), "mix_add"), False)
 
 
 # references with the same signature (used by tests and benchmarks)
