@@ -46,7 +46,7 @@ def _tokens(B, L, C, pre, suf, dtype, seed, contiguous=True):
     return torch.randn(B, C, L + pre + suf, generator=g).to(dtype).transpose(1, 2)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(cases(), st.booleans())
 def test_restore_mix_is_identity_bit_exact(case, contiguous):
     B, G, L, C, pre, suf, dtype, seed, impl = case
@@ -62,7 +62,7 @@ def test_restore_mix_is_identity_bit_exact(case, contiguous):
     assert torch.equal(mixed[:, pre + L :], x[:, pre + L :])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(cases())
 def test_labels_say_where_each_patch_comes_from(case):
     B, G, L, C, pre, suf, dtype, seed, impl = case
@@ -81,7 +81,7 @@ def test_labels_say_where_each_patch_comes_from(case):
         assert torch.equal(block.sort(dim=0).values, torch.arange(G).view(G, 1).expand(G, L))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(cases())
 def test_vjp_of_mix_is_restore_and_vice_versa(case):
     B, G, L, C, pre, suf, dtype, seed, impl = case
@@ -95,7 +95,7 @@ def test_vjp_of_mix_is_restore_and_vice_versa(case):
     assert torch.equal(gx, mix(cot, plan, **kw))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(cases())
 def test_mix_add_matches_mix_then_add_and_its_gradients(case):
     B, G, L, C, pre, suf, dtype, seed, impl = case
