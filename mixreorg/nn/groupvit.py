@@ -179,12 +179,12 @@ class GroupViT(nn.Module):
     # ------------------------------------------------------------------ temperature
     def scale(self) -> torch.Tensor:
         """The contrastive logit multiplier ``min(exp(logit_scale), logit_scale_max)`` (scalar)."""
-        return logit_scale_value(self.logit_scale, self.logit_scale_max)
+        return logit_scale_value(self.logit_scale, self.logit_scale_max, like=self.logit_scale)
 
     def multi_label_scale(self) -> torch.Tensor:
         """Multiplier of the multi-label loss (its own parameter, or the shared one)."""
         p = self.multi_label_logit_scale if self.multi_label_logit_scale is not None else self.logit_scale
-        return logit_scale_value(p, self.logit_scale_max)
+        return logit_scale_value(p, self.logit_scale_max, like=p)
 
     @property
     def use_checkpoint(self) -> bool:
