@@ -43,9 +43,8 @@ def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
 CORRUPT_JPEG = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + b"not really a jpeg" * 5
 
 
-@pytest.fixture()
-def shards(tmp_path: Path) -> Path:
-    """Two img2dataset-style shards: 20 samples, one corrupt JPEG, one without caption."""
+def write_shards(root: Path) -> Path:
+    """Two img2dataset-style shards in ``root``: 20 samples, one corrupt JPEG, one without caption."""
     s0 = []
     for i in range(10):
         files = {"jpg": _image_bytes(i), "txt": f"caption {i}".encode(), "json": b'{"url": "x"}'}
@@ -55,9 +54,15 @@ def shards(tmp_path: Path) -> Path:
             del files["txt"]
         s0.append((f"{i:09d}", files))
     s1 = [(f"{i:09d}", {"png": _image_bytes(i, "PNG"), "text": f"caption {i}".encode()}) for i in range(10, 20)]
-    _write_tar(tmp_path / "shard-00000.tar", s0)
-    _write_tar(tmp_path / "shard-00001.tar", s1)
-    return tmp_path
+    root.mkdir(parents=True, exist_ok=True)
+    _write_tar(root / "shard-00000.tar", s0)
+    _write_tar(root / "shard-00001.tar", s1)
+    return root
+
+
+@pytest.fixture()
+def shards(tmp_path: Path) -> Path:
+    return write_shards(tmp_path)
 
 
 GOOD_KEYS = {f"{i:09d}" for i in range(20)} - {f"{3:09d}", f"{5:09d}"}

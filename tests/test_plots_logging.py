@@ -12,40 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mixreorg.recipes.config import PretrainConfig, apply_overrides, get_preset
+from mixreorg.recipes.config import get_preset
 from mixreorg.recipes.logger import MetricsLog, Progress, eta_seconds, metrics_figure, plot_metrics, run_series
 from mixreorg.viz import plot_bars, plot_curves
-
-# the tiny model of tests/test_pretrain.py: a few CPU steps per second
-TINY = [
-    "model.vision.embed_dim=32",
-    "model.vision.num_heads=2",
-    "model.vision.depths=[1,1,1]",
-    "model.vision.num_group_tokens=[4,2,0]",
-    "model.vision.num_output_groups=[4,2]",
-    "model.text.width=32",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.text.context_length=32",
-    "model.proj_dim=16",
-    "model.proj_hidden=32",
-    "data.image_size=32",
-    "train.batch_size=8",
-    "optim.warmup_steps=2",
-    "train.log_every=1",
-    "eval.size=8",
-    "eval.batch_size=8",
-    "eval.overlays=2",
-    "train.threads=1",
-    "train.time_limit=0",
-]
-
-
-def tiny_config(out: Path, steps: int = 3, **extra: object) -> PretrainConfig:
-    cfg = get_preset("tiny")
-    apply_overrides(cfg, TINY)
-    apply_overrides(cfg, {"train.steps": steps, "train.out_dir": str(out), **extra})
-    return cfg.validate()
+from tests.test_pretrain import tiny_config
 
 
 def _png(path: Path) -> Image.Image:
@@ -203,7 +173,6 @@ def test_tensorboard_needs_the_package(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_tensorboard_scalars_equal_the_jsonl(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from mixreorg.recipes.train import train
@@ -231,7 +200,6 @@ def test_tensorboard_scalars_equal_the_jsonl(tmp_path: Path) -> None:
 
 
 def test_tensorboard_purges_the_steps_a_resumed_run_writes_again(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = MetricsLog(tmp_path / "m.jsonl", enabled=True, tensorboard=tmp_path / "tb")

@@ -21,26 +21,13 @@ import torch
 
 from mixreorg.data import ShardStream, expand_shards
 from mixreorg.data.webdataset import iter_tar_samples, shard_name
-from tests.test_data_loaders import CORRUPT_JPEG, GOOD_KEYS, _batches, _image_bytes, _one_epoch, _same, _write_tar
-
-pytest.importorskip("fsspec")
-pytest.importorskip("aiohttp")
-
-
-def _write_shards(root: Path) -> None:
-    """The two shards of ``test_data_loaders.shards``: 20 samples, one corrupt JPEG, one without caption."""
-    s0 = []
-    for i in range(10):
-        files = {"jpg": _image_bytes(i), "txt": f"caption {i}".encode(), "json": b'{"url": "x"}'}
-        if i == 3:
-            files["jpg"] = CORRUPT_JPEG
-        if i == 5:
-            del files["txt"]
-        s0.append((f"{i:09d}", files))
-    s1 = [(f"{i:09d}", {"png": _image_bytes(i, "PNG"), "text": f"caption {i}".encode()}) for i in range(10, 20)]
-    root.mkdir(parents=True, exist_ok=True)
-    _write_tar(root / "shard-00000.tar", s0)
-    _write_tar(root / "shard-00001.tar", s1)
+from tests.test_data_loaders import (
+    GOOD_KEYS,
+    _batches,
+    _one_epoch,
+    _same,
+    write_shards,
+)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -77,14 +64,14 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return super().do_HEAD()
 
     def log_message(self, *args: object) -> None:
-        pass
+        """Silence the per-request lines SimpleHTTPRequestHandler writes to stderr."""
 
 
 @pytest.fixture()
 def server(tmp_path: Path) -> Iterator[tuple[str, Path, list]]:
     """``(base URL, served folder, request log)`` of a ThreadingHTTPServer on localhost."""
     root = tmp_path / "www"
-    _write_shards(root)
+    write_shards(root)
     log: list[tuple[str, str, str | None]] = []
     handler = type("Handler", (_Handler,), {"requests": log})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
@@ -198,7 +185,7 @@ def test_shard_names_drop_the_query_string() -> None:
 
 
 def test_pipe_cat_streams_like_the_file(tmp_path: Path) -> None:
-    _write_shards(tmp_path)
+    write_shards(tmp_path)
     spec = f"pipe:cat {tmp_path}/shard-{{00000..00001}}.tar"
     assert expand_shards(spec) == [f"pipe:cat {tmp_path}/shard-0000{i}.tar" for i in range(2)]
     piped = ShardStream(spec, image_size=32, shuffle_block=4, seed=1)
@@ -218,7 +205,7 @@ def test_pipe_cat_streams_like_the_file(tmp_path: Path) -> None:
 
 
 def test_pipe_failure_is_counted_like_a_truncated_shard(tmp_path: Path) -> None:
-    _write_shards(tmp_path)
+    write_shards(tmp_path)
     shard0, shard1 = tmp_path / "shard-00000.tar", tmp_path / "shard-00001.tar"
     # a command that writes the whole archive but then fails: its last sample goes with the error
     items = list(iter_tar_samples(f"pipe:cat {shard1}; exit 3"))
@@ -234,7 +221,7 @@ def test_pipe_failure_is_counted_like_a_truncated_shard(tmp_path: Path) -> None:
 
 
 def test_abandoned_pipe_is_killed(tmp_path: Path) -> None:
-    _write_shards(tmp_path)
+    write_shards(tmp_path)
     pid_file = tmp_path / "pid"
     # the command keeps running after the archive; a reader that stops early does not wait for it
     gen = iter_tar_samples(f"pipe:echo $$ > {pid_file}; cat {tmp_path}/shard-00000.tar; exec sleep 60")

@@ -24,32 +24,10 @@ import pytest
 import torch
 
 from mixreorg.checkpoint import CheckpointManager, load_checkpoint
+from tests.test_pretrain import TINY  # a model small enough for a few CPU steps per second
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# the TINY overrides of tests/test_pretrain.py (a model small enough for a few CPU steps per second)
-TINY = [
-    "model.vision.embed_dim=32",
-    "model.vision.num_heads=2",
-    "model.vision.depths=[1,1,1]",
-    "model.vision.num_group_tokens=[4,2,0]",
-    "model.vision.num_output_groups=[4,2]",
-    "model.text.width=32",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.text.context_length=32",
-    "model.proj_dim=16",
-    "model.proj_hidden=32",
-    "data.image_size=32",
-    "train.batch_size=8",
-    "optim.warmup_steps=2",
-    "train.log_every=1",
-    "eval.size=8",
-    "eval.batch_size=8",
-    "eval.overlays=2",
-    "train.threads=1",
-    "train.time_limit=0",
-]
 
 STEPS = 40
 SAVE_EVERY = 2
