@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _report import record
+from _steps import saved_bytes
 
 from mixreorg.ops import gumbel_assign, triton_interpret
 
@@ -116,20 +117,6 @@ def test_assign_forward(benchmark, shape, dtype, impl):
 # ---------------------------------------------------------------------------------------------
 # memory: saved bytes and peak
 # ---------------------------------------------------------------------------------------------
-def saved_bytes(f, x) -> int:
-    """Bytes of the unique storages autograd saves for backward during ``f(x)``."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        f(x)
-    return sum(seen.values())
-
-
 def _cpu_peak(run) -> int:
     from torch.profiler import ProfilerActivity, profile
 

@@ -81,6 +81,13 @@ def triton_timing_skip(ctx: Ctx) -> str:
     return "" if ctx.cuda else "Triton timing needs CUDA (on CPU Triton runs only in its interpreter)"
 
 
+def timing_skip(ctx: Ctx, impl: str) -> str:
+    """Why a timing row of ``impl`` is not measured ('' when it is): no Triton timing, or no budget."""
+    if impl == "triton" and triton_timing_skip(ctx):
+        return triton_timing_skip(ctx)
+    return ctx.budget_reason() if ctx.left() <= 0 else ""
+
+
 # ---------------------------------------------------------------------------------------------
 # set-up: mixreorg importable, Triton's interpreter where there is no GPU
 # ---------------------------------------------------------------------------------------------
@@ -631,11 +638,8 @@ def _bench_one(ctx: Ctx, label: str, dname: str, shape: tuple[int, int, int]) ->
     for op, direction, impl, f, inputs, nbytes in _bench_cases(x, y, g, plan):
         name = f"{op} {direction} {label} {dname} {impl}"
         tags = dict(op=op, dir=direction, impl=impl, **meta)
-        if impl == "triton" and triton_timing_skip(ctx):
-            yield row(name, "skipped", triton_timing_skip(ctx), **tags)
-            continue
-        if ctx.left() <= 0:
-            yield row(name, "skipped", ctx.budget_reason(), **tags)
+        if timing_skip(ctx, impl):
+            yield row(name, "skipped", timing_skip(ctx, impl), **tags)
             continue
 
         def measure(f=f, inputs=inputs, nbytes=nbytes, direction=direction):
@@ -675,23 +679,11 @@ def _gumbel_softmax_path(x: torch.Tensor, eps: float = 1.0):
     return a / (a.sum(dim=-1, keepdim=True) + eps), x.softmax(dim=-2)
 
 
-def saved_bytes(f: Callable, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward during ``f(x)``."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        f(x)
-    return sum(seen.values())
-
-
 def _assign_measure(ctx: Ctx, f: Callable, x: torch.Tensor, ga: torch.Tensor) -> dict:
     step = lambda: torch.autograd.grad(f(x)[0], x, ga)
     ms = time_ms(ctx, step)
+    from _steps import saved_bytes  # after mixreorg is importable (_steps imports it)
+
     out = dict(ms=ms, saved_MiB=saved_bytes(f, x) / 2**20)
     if ctx.cuda:
         torch.cuda.synchronize()
@@ -718,11 +710,8 @@ def section_assign_bench(ctx: Ctx) -> Iterator[dict]:
             for impl, f in impls.items():
                 name = f"{label} {list(shape)} {dname} {impl}"
                 tags = dict(shape=str(list(shape)), dtype=dname, impl=impl)
-                if impl == "triton" and triton_timing_skip(ctx):
-                    yield row(name, "skipped", triton_timing_skip(ctx), **tags)
-                    continue
-                if ctx.left() <= 0:
-                    yield row(name, "skipped", ctx.budget_reason(), **tags)
+                if timing_skip(ctx, impl):
+                    yield row(name, "skipped", timing_skip(ctx, impl), **tags)
                     continue
                 r = guarded(name, lambda f=f, x=x, ga=ga: _assign_measure(ctx, f, x, ga), **tags)
                 if r["status"] == "ok" and impl == "gumbel_softmax":
@@ -747,21 +736,6 @@ def train_config(ctx: Ctx) -> dict:
                 img=32, context=16)
 
 
-def train_step(net, images, ids, opt, objective, mix_loss, autocast) -> None:
-    """benchmarks/_steps.train_step with bf16 autocast around the forward and the loss."""
-    from mixreorg.nn import MixReorg
-
-    with autocast():
-        if isinstance(net, MixReorg):
-            loss = mix_loss(net(images, ids))["loss"]
-        else:
-            loss = objective(net.encode_image(images)["image_embed"], net.encode_text(ids),
-                             logit_scale=net.logit_scale)["loss"]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
 def _step_measure(ctx: Ctx, cfg: dict, model: str, ckpt: bool) -> dict:
     from mixreorg.losses import ContrastiveObjective, MixReorgLoss
     from mixreorg.nn import GroupViT, MixReorg
@@ -782,6 +756,8 @@ def _step_measure(ctx: Ctx, cfg: dict, model: str, ckpt: bool) -> dict:
     objective = ContrastiveObjective(multi_label_weight=0.0)  # no prompts are passed
     mix_loss = MixReorgLoss(objective)
     autocast = lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+    from _steps import train_step  # after mixreorg is importable (_steps imports it)
+
     step = lambda: train_step(net, images, ids, opt, objective, mix_loss, autocast)
     step()  # warm-up outside the peak: optimizer state, kernels, allocator
     if ctx.cuda:
