@@ -29,6 +29,7 @@ from mixreorg.recipes.models import build_model
 from mixreorg.recipes.pretrain import main as pretrain_main
 from mixreorg.recipes.segment import main as segment_main
 from tests.test_pretrain import TINY
+from tests.test_weights import _ids
 
 REPO = "tiny-org/groupvit-tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -64,17 +65,6 @@ def _hf_model(seed: int = 0) -> GroupViTModel:
     model = GroupViTModel(GroupViTConfig(**SMALL_HF)).eval()
     _perturb(model, seed)
     return model
-
-
-def _ids(B: int, T: int, eos: int, seed: int = 0) -> torch.Tensor:
-    """``[B, T]`` ids below ``eos`` with one ``eos`` per row (the largest id, where both pool) and 0-padding."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, eos, (B, T), generator=g)
-    for b in range(B):
-        e = int(torch.randint(1, T, (1,), generator=g))
-        ids[b, e] = eos
-        ids[b, e + 1 :] = 0
-    return ids
 
 
 def _cache(cache: Path, repo: str, model: GroupViTModel) -> Path:
