@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixreorg.ops._dispatch as dispatch
+import mixreorg.ops.utils as utils
 from mixreorg.ops import (
     MixPlan,
     mix,
@@ -353,3 +356,106 @@ def test_patch_gather_checks_rows_when_compiled():
     bad[2] = 6
     with pytest.raises(ValueError, match=r"rows\[2\] = 6 is out of range"):
         f(x, bad, inv)
+
+
+# ------------------------------------------------------------------ large outputs (huge-page hint)
+@settings(deadline=None)
+@given(st.integers(0, 2**47), st.integers(0, 2**31))
+def test_huge_page_range_is_the_whole_pages_inside_the_block(ptr, nbytes):
+    """The hint must never reach bytes outside the block: they may belong to other allocations."""
+    page = 2 << 20
+    span = utils.huge_page_range(ptr, nbytes)
+    if span is None:
+        assert -(-ptr // page) * page + page > ptr + nbytes  # not one whole page fits
+        return
+    start, length = span
+    assert start % page == 0 and length % page == 0 and length > 0
+    assert ptr <= start and start + length <= ptr + nbytes
+    assert start - ptr < page and ptr + nbytes - (start + length) < page  # and none is left out
+
+
+def test_empty_output_hints_only_large_cpu_blocks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(utils, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice)))
+    like = torch.empty(0, dtype=torch.bfloat16)
+    small = utils.empty_output((utils.HUGE_PAGE_MIN_BYTES // 2 - 1,), like)
+    assert small.dtype == torch.bfloat16 and not calls
+    big = utils.empty_output((4, utils.HUGE_PAGE_MIN_BYTES // 8), like)
+    assert big.shape == (4, utils.HUGE_PAGE_MIN_BYTES // 8) and big.dtype == torch.bfloat16
+    ((start, length, advice),) = calls
+    assert advice == 14 and (start, length) == utils.huge_page_range(big.data_ptr(), big.nbytes)
+    assert utils.empty_output((8, 2**20), torch.empty(0, device="meta")).device.type == "meta" and len(calls) == 1
+
+
+def _random_bits(shape, dtype, seed):
+    """Tokens of ``dtype`` with uniformly random bits: NaNs with payloads, -0.0, subnormals, infs."""
+    g = torch.Generator().manual_seed(seed)
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    info = torch.iinfo(ints)
+    return torch.randint(info.min, info.max, shape, generator=g, dtype=ints).view(dtype)
+
+
+def _bits(t):
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.dtype.itemsize])
+
+
+@st.composite
+def large_cases(draw):
+    """Shapes whose outputs span whole 2 MiB pages (so the hint is really given), rows of any width."""
+    G = draw(st.sampled_from([2, 4, 16]))
+    B = G * draw(st.integers(1, 2))
+    L = draw(st.sampled_from([49, 196]))
+    pre, suf = draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    dtype = draw(st.sampled_from(DTYPES))
+    C = -(-_LARGE_TEST_BYTES // (B * (L + pre + suf) * dtype.itemsize)) + draw(st.integers(0, 3))
+    return B, G, L, C, pre, suf, dtype, draw(st.integers(0, 2**31 - 1)), draw(st.booleans())
+
+
+_LARGE_TEST_BYTES = 4 << 20  # at least one whole 2 MiB page inside, wherever the block starts
+
+
+@settings(deadline=None, max_examples=25)
+@given(large_cases())
+def test_large_outputs_are_bit_exact_forward_and_backward(case):
+    """With the hint's threshold lowered to 2 MiB, every output here takes the huge-page path:
+    random bit patterns (NaN payloads, -0.0) come out bit for bit, for mix, restore and mix_add,
+    forward and backward, contiguous and channel-major inputs."""
+    B, G, L, C, pre, suf, dtype, seed, contiguous = case
+    plan = MixPlan.create(B, L, G, seed=seed)
+    Lt = L + pre + suf
+    x = _random_bits((B, Lt, C) if contiguous else (B, C, Lt), dtype, seed)
+    x = (x if contiguous else x.transpose(1, 2)).requires_grad_()
+    cot = _random_bits((B, Lt, C), dtype, seed + 1)
+    kw = dict(num_prefix_tokens=pre, num_suffix_tokens=suf)
+    rows = torch.cat([torch.arange(B).view(B, 1).expand(B, pre), plan.src,
+                      torch.arange(B).view(B, 1).expand(B, suf)], 1)
+    expected = x.detach()[rows, torch.arange(Lt).view(1, Lt)]  # advanced indexing, no custom op
+    hints = []
+    real = utils._madvise()
+    with (unittest.mock.patch.object(utils, "HUGE_PAGE_MIN_BYTES", 2 << 20),
+          unittest.mock.patch.object(utils, "_madvise", lambda: lambda *a: hints.append(a) or real(*a))):
+        mixed = mix(x, plan, impl="torch", **kw)
+        assert torch.equal(_bits(mixed), _bits(expected))
+        assert torch.equal(_bits(restore(mixed, plan, impl="torch", **kw)), _bits(x.detach()))
+        (gx,) = torch.autograd.grad(mixed, x, cot)
+        assert torch.equal(_bits(gx), _bits(restore_reference(cot, plan, **kw)))
+        y = _random_bits((B, Lt, C), dtype, seed + 2)
+        out = mix_add(y, x.detach(), plan, impl="torch", **kw)
+        assert torch.equal(_bits(out), _bits(mix_add_reference(y, x.detach(), plan, **kw)))
+    assert len(hints) == 4  # mixed, restored, the gradient, the mix_add output
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outputs_over_the_real_threshold_are_bit_exact(dtype, contiguous):
+    """A >= 32 MiB output under the shipped threshold (no patching): forward and backward bits."""
+    B, L, C = 32, 196, utils.HUGE_PAGE_MIN_BYTES // (32 * 196 * dtype.itemsize) + 1
+    plan = MixPlan.create(B, L, 16, seed=1)
+    x = _random_bits((B, L, C) if contiguous else (B, C, L), dtype, 0)
+    x = (x if contiguous else x.transpose(1, 2)).requires_grad_()
+    cot = _random_bits((B, L, C), dtype, 1)
+    mixed = mix(x, plan)
+    assert mixed.nbytes >= utils.HUGE_PAGE_MIN_BYTES
+    assert torch.equal(_bits(mixed), _bits(x.detach()[plan.src, torch.arange(L)]))
+    (gx,) = torch.autograd.grad(mixed, x, cot)
+    assert torch.equal(_bits(gx), _bits(restore_reference(cot, plan)))

@@ -12,7 +12,8 @@ never a scatter-add, never atomics.
 Two implementations, bit-identical (data movement only; ``mix_add`` adds in the input dtype,
 which equals an fp32 add rounded once):
 
-* ``torch``: ``index_select`` over the flattened ``[B * L, C]`` rows (memcpy-speed on CPU).
+* ``torch``: ``index_select`` over the flattened ``[B * L, C]`` rows, as wide integer words, into
+  an output that asks for huge pages when it is large (``utils.empty_output``).
 * ``triton``: one fused kernel reading strided inputs directly (no ``.contiguous()`` copies) and,
   for ``mix_add``, reading ``y`` and ``x`` once and writing once.
 
@@ -31,7 +32,7 @@ import torch
 
 from ._dispatch import has_triton, select_impl
 from .plan import MixPlan
-from .utils import check_index_range, check_index_tensor
+from .utils import check_index_range, check_index_tensor, empty_output
 
 __all__ = [
     "mix",
@@ -59,9 +60,10 @@ def patch_gather_reference(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def _gather_torch(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The reference for use inside the custom op: it must return a base tensor, not a view
-    (custom ops copy outputs that are views), hence ``index_select(out=...)``."""
+    (custom ops copy outputs that are views), hence ``index_select(out=...)``. The output comes
+    from :func:`empty_output`: on CPU, faulting in a fresh output costs more than the gather."""
     B, L, C = x.shape
-    out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    out = empty_output((B, L, C), x)
     src = x.reshape(B * L, C)
     dst = out.view(B * L, C)
     if src.is_contiguous() and not src.is_complex():
