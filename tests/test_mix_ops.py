@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixreorg.ops._dispatch as dispatch
+import mixreorg.ops.patch_mix as patch_mix
 import mixreorg.ops.utils as utils
 from mixreorg.ops import (
     MixPlan,
@@ -443,6 +444,45 @@ def test_large_outputs_are_bit_exact_forward_and_backward(case):
         out = mix_add(y, x.detach(), plan, impl="torch", **kw)
         assert torch.equal(_bits(out), _bits(mix_add_reference(y, x.detach(), plan, **kw)))
     assert len(hints) == 4  # mixed, restored, the gradient, the mix_add output
+
+
+@settings(deadline=None)
+@given(st.integers(1000, 2100), st.sampled_from(DTYPES + [torch.int8, torch.int32]), st.integers(0, 2),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_rows_cut_into_pieces_are_bit_exact_forward_and_backward(row_bytes, dtype, pre, contiguous, seed):
+    """Rows of 1-2 KiB are gathered as pieces of <= 512 B (patch_mix._split_rows): every width
+    around that band (odd ones included), every dtype, both layouts, bits forward and backward."""
+    C = max(1, row_bytes // dtype.itemsize)
+    B, L, G = 4, 3, 2
+    plan = MixPlan.create(B, L, G, seed=seed)
+    Lt = L + pre
+    x = _random_bits((B, Lt, C) if contiguous else (B, C, Lt), dtype, seed)
+    x = x if contiguous else x.transpose(1, 2)
+    rows = torch.cat([torch.arange(B).view(B, 1).expand(B, pre), plan.src], 1)
+    mixed = mix(x, plan, num_prefix_tokens=pre, impl="torch")
+    assert torch.equal(_bits(mixed), _bits(x[rows, torch.arange(Lt).view(1, Lt)]))
+    assert torch.equal(_bits(restore(mixed, plan, num_prefix_tokens=pre, impl="torch")), _bits(x))
+    if dtype.is_floating_point:
+        xg = x.detach().requires_grad_()
+        cot = _random_bits((B, Lt, C), dtype, seed + 1)
+        (gx,) = torch.autograd.grad(mix(xg, plan, num_prefix_tokens=pre, impl="torch"), xg, cot)
+        assert torch.equal(_bits(gx), _bits(restore_reference(cot, plan, num_prefix_tokens=pre)))
+
+
+@pytest.mark.parametrize("C, dtype, pieces", [
+    (384, torch.float32, 3), (768, torch.bfloat16, 3), (256, torch.float64, 4), (385, torch.float32, 5),
+    (256, torch.float32, 1), (512, torch.float64, 1),  # 1 KiB and 4 KiB rows stay whole
+    (1031, torch.int8, 1),  # a prime width: no piece of 128..512 B tiles it
+])
+def test_split_rows_cuts_only_the_1_to_2_kib_band(C, dtype, pieces):
+    """Which widths are cut, into how many pieces (1: left whole); the table follows the pieces."""
+    src = patch_mix._wide_rows(_random_bits((6, C), dtype, 0))
+    rows = torch.tensor([5, 0, 3, 1, 4, 2])
+    s, d, r = patch_mix._split_rows(src, torch.empty_like(src), rows)
+    assert s.shape[0] == d.shape[0] == 6 * pieces and r.shape == (6 * pieces,)
+    if pieces > 1:
+        assert 128 <= s.element_size() * s.shape[1] <= 512
+    assert torch.equal(torch.index_select(s, 0, r).view(6, -1), src[rows])
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
