@@ -9,15 +9,25 @@ Cases (bytes are what the op must move):
 - ``bwd``: the backward alone (2N) vs ``clone``; ``advidx`` is what users write today,
   ``x[src, arange(L)]``, whose backward is an index_put with accumulation (a scatter-add).
 - ``mix_add``: fused ``y + mix(x)`` (3N) vs ``mix`` then ``add`` (unfused) and ``clone`` of 1.5N.
+- ``interleaved``: fwd, fwd+bwd and bwd of ours, of ours without the huge-page hint of its
+  outputs (the code before that hint), of advanced indexing and of clone, timed ALTERNATELY in one
+  loop (slow drifts of machine load hit all alike), best of the rounds; prints the ratios side by
+  side. The goals of issue 11 on CPU are read off this table.
 Triton is timed on CUDA only (on CPU it would run in the interpreter).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import time
+from collections.abc import Callable
+
 import pytest
 import torch
 from _report import record
 
+import mixreorg.ops.utils as ops_utils
 from mixreorg.ops import MixPlan, mix, mix_add, restore
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,3 +189,89 @@ def test_restore_clone(benchmark):
 
     benchmark(run)
     record(benchmark, case=f"restore fwd {SHAPES['paper']} fp32", impl="clone", nbytes=2 * x.nbytes)
+
+
+# ------------------------------------------------------------------------------------ interleaved
+@contextlib.contextmanager
+def _no_huge_page_hint():
+    """The outputs of the ops as they were allocated before the hint (plain ``torch.empty``)."""
+    saved = ops_utils.HUGE_PAGE_MIN_BYTES
+    ops_utils.HUGE_PAGE_MIN_BYTES = math.inf
+    try:
+        yield
+    finally:
+        ops_utils.HUGE_PAGE_MIN_BYTES = saved
+
+
+def _timed(fn: Callable[[], object], setup: Callable[[], tuple] = tuple) -> Callable[[], float]:
+    """A callable returning the seconds of ``fn(*setup())``, ``setup`` untimed."""
+    def run() -> float:
+        args = setup()
+        _sync()
+        t = time.perf_counter()
+        fn(*args)
+        _sync()
+        return time.perf_counter() - t
+    return run
+
+
+def _interleave(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Best of ``rounds`` for each timer, the timers run in turn (order reversed every other
+    round), after one warm-up round."""
+    best = dict.fromkeys(fns, math.inf)
+    names = list(fns)
+    for r in range(rounds + 1):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t = fns[name]()
+            if r > 0:
+                best[name] = min(best[name], t)
+    return best
+
+
+def _interleaved_timers(x, grad, plan) -> dict[str, dict[str, Callable[[], float]]]:
+    """{case: {impl: timer}} for the forward, forward+backward and backward."""
+    xg = x.detach().requires_grad_()
+    fwd = {"ours": lambda: mix(xg, plan, impl="torch"), "advidx": lambda: _advidx(xg, plan)}
+
+    def no_hint(f):
+        def run(*args):
+            with _no_huge_page_hint():
+                return f(*args)
+        return run
+
+    fwd["before"] = no_hint(fwd["ours"])
+    impls = ("ours", "before", "advidx")
+    grad_of = {i: (lambda out: torch.autograd.grad(out, xg, grad)) for i in impls}
+    grad_of["before"] = no_hint(grad_of["before"])
+    return {
+        "fwd": {"clone": _timed(x.clone), **{i: _timed(fwd[i]) for i in impls}},
+        "fwd+bwd": {"clone": _timed(lambda: (x.clone(), grad.clone())),
+                    **{i: _timed(lambda f=fwd[i], g=grad_of[i]: g(f())) for i in impls}},
+        "bwd": {"clone": _timed(grad.clone),
+                **{i: _timed(grad_of[i], setup=lambda f=fwd[i]: (f(),)) for i in impls}},
+    }
+
+
+@pytest.mark.parametrize("shape,dtype", list(_params()))
+def test_mix_interleaved_ratios(shape, dtype, capsys):
+    """Ours vs clone (the bandwidth ceiling: fwd+bwd vs clone + clone) vs advanced indexing, and
+    ours before the huge-page hint, in one interleaved loop; printed, not asserted."""
+    plan, x = _setup(shape, dtype)
+    grad = torch.randn(x.shape, device=DEVICE, dtype=dtype)
+    rounds = 5 if x.nbytes > 100e6 else 7
+    name = f"{tuple(shape)} {str(dtype).removeprefix('torch.')} ({x.nbytes / 1e6:.1f} MB)"
+    lines = []
+    for case, timers in _interleaved_timers(x, grad, plan).items():
+        best = _interleave(timers, rounds)
+        clone = best["clone"]
+        lines.append(
+            f"  {case:<8} clone {clone * 1e3:7.1f} ms | ours {best['ours'] * 1e3:7.1f} ms "
+            f"{clone / best['ours']:5.2f}x clone | before {best['before'] * 1e3:7.1f} ms "
+            f"{clone / best['before']:5.2f}x | advidx {best['advidx'] * 1e3:7.1f} ms "
+            f"{clone / best['advidx']:5.2f}x | ours vs advidx {best['advidx'] / best['ours']:5.2f}x, "
+            f"before vs advidx {best['advidx'] / best['before']:5.2f}x"
+        )
+    with capsys.disabled():
+        print(f"\ninterleaved mix {name} on {DEVICE} ({torch.get_num_threads()} threads), best of {rounds}:")
+        print("\n".join(lines))
+    assert len(lines) == 3
