@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mixreorg.data.synthshapes import SynthShapesStream
+from mixreorg.losses import keys_to_ids
 from mixreorg.recipes.config import apply_overrides, get_preset
 from mixreorg.recipes.data import BatchBuilder
 from mixreorg.text import tokenize
@@ -30,11 +31,21 @@ def test_tokens_prompts_and_keys() -> None:
     assert t < 32 and torch.equal(batch["text"], full[:, :t]) and (full[:, t:] == 0).all()
     assert batch["prompts"].shape[:2] == (b, 3) and batch["prompts"].shape[2] <= 32
     # tiny preset: caption keys are the set of nouns, so captions naming the same shapes share a key
-    for cap, nouns, key in zip(raw["caption"], raw["nouns"], batch["text_keys"]):
+    keys = batch["keys"]
+    for cap, nouns, key in zip(raw["caption"], raw["nouns"], keys["text"]):
         assert key == (("nouns",) + tuple(sorted(set(nouns))) if nouns else ("caption", cap))
-    for cap, nouns, pkeys, labels in zip(raw["caption"], raw["nouns"], batch["prompt_keys"], batch["label_keys"]):
+    for cap, nouns, pkeys, labels in zip(raw["caption"], raw["nouns"], keys["prompt"], keys["label"]):
         assert len(pkeys) == 3 and set(pkeys) <= set(nouns) | {cap}
         assert labels == list(dict.fromkeys(list(nouns) + [cap]))
+    # what the objective reads: the same keys as int64 ids, label ids -1 padded to LABEL_WIDTH
+    assert torch.equal(batch["text_keys"], keys_to_ids(keys["text"]))
+    assert torch.equal(batch["prompt_keys"], keys_to_ids([k for p in keys["prompt"] for k in p]).view(b, 3))
+    assert batch["label_keys"].shape == (b, BatchBuilder.LABEL_WIDTH)
+    for row, labels in zip(batch["label_keys"], keys["label"]):
+        assert torch.equal(row[: len(labels)], keys_to_ids(labels)) and (row[len(labels):] == -1).all()
+    # identical token rows (and only they) share a caption key
+    same_key = batch["caption_keys"][:, None] == batch["caption_keys"][None, :]
+    assert torch.equal(same_key, (batch["text"][:, None] == batch["text"][None, :]).all(-1))
     assert "masks" not in batch and torch.equal(batch["images"], raw["image"])  # no augmentation here
 
 

@@ -14,6 +14,7 @@ from mixreorg.losses import (
     MixReorgLoss,
     MultiLabelContrastiveLoss,
     keys_to_ids,
+    label_key_ids,
     similarity_logits,
 )
 
@@ -62,6 +63,14 @@ def test_prompt_positives_follow_label_keys() -> None:
     torch.testing.assert_close(out["ml"], ref)
     with pytest.raises(ValueError, match="prompt_embed"):
         obj(img, txt, logit_scale=torch.tensor(0.0))
+    # the same keys as id tensors (what BatchBuilder hands in), label ids padded wider with -1
+    ids = obj(img, txt, logit_scale=torch.tensor(0.0), prompt_embed=prompts,
+              prompt_keys=keys_to_ids(flat_keys).view(3, 2), label_keys=label_key_ids(labels, width=8))
+    torch.testing.assert_close(ids["ml"], ref)
+    assert all(isinstance(ids[k], torch.Tensor) and ids[k].ndim == 0 for k in ("acc_i2t", "acc_t2i", "scale", "bias"))
+    with pytest.raises(ValueError, match=r"label_keys must be integer ids \[B=3, M\]"):
+        obj(img, txt, logit_scale=torch.tensor(0.0), prompt_embed=prompts, prompt_keys=pkeys,
+            label_keys=torch.zeros(3, dtype=torch.long))
 
 
 def test_objective_rejects_bad_input() -> None:

@@ -549,5 +549,5 @@ def test_prompt_keys_name_the_noun_each_prompt_was_built_from(tmp_path: Path) ->
         rng = random.Random(f"{cfg.data.seed}/{step}/0")
         expect_prompts, expect_nouns = make_prompts(raw["caption"][0], 2, rng, nouns=raw["nouns"][0],
                                                     return_nouns=True)
-        assert batch["prompt_keys"] == [expect_nouns]
-        assert sorted(batch["prompt_keys"][0]) == ["dog", "photo"]
+        assert batch["keys"]["prompt"] == [expect_nouns]
+        assert sorted(batch["keys"]["prompt"][0]) == ["dog", "photo"]

@@ -1,6 +1,7 @@
 """A pretraining process killed with SIGKILL mid-run and resumed from its newest checkpoint ends
 bit-for-bit where an uninterrupted process with the same seeds ends (GroupViT and MixReorg, with
-the DeiT augmentation on): real subprocesses of ``python -m mixreorg.recipes.pretrain``, a real
+the DeiT augmentation on; the interrupted run builds its batches on the prefetch thread, the
+uninterrupted one in the loop): real subprocesses of ``python -m mixreorg.recipes.pretrain``, a real
 signal, nothing of the training loop imported or patched.
 
 Why the kill always lands mid-run: the interrupted process is killed as soon as its first
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = 40
 SAVE_EVERY = 2
+# batches read ahead when B is killed are read again on resume: the position saved is the consumed one
+PREFETCH = ("--set", "data.prefetch=2")
 # numbers of a metrics.jsonl record that depend on the wall clock, not on the training
 TIMING_KEYS = ("img_s", "time_s", "eta_s")
 
@@ -118,7 +121,7 @@ def _without_numpy(rng: dict[str, Any]) -> dict[str, Any]:
 
 def _training_part(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Everything of a checkpoint but what differs between two processes by design: the run folder,
-    the seconds spent, and numpy's global RNG state (the trainer seeds ``random`` and ``torch``, not
+    the prefetch switch, the seconds spent, and numpy's global RNG state (the trainer seeds ``random`` and ``torch``, not
     numpy, whose global state nothing in training draws from: each process starts it from OS entropy)."""
     extra = dict(ckpt.get("extra") or {})
     extra.pop("elapsed_s", None)
@@ -126,6 +129,7 @@ def _training_part(ckpt: dict[str, Any]) -> dict[str, Any]:
         extra["rng_ranks"] = [_without_numpy(r) for r in extra["rng_ranks"]]
     config = json.loads(json.dumps(ckpt["config"]))
     config["train"].pop("out_dir")
+    config["data"].pop("prefetch")
     rest = {k: v for k, v in ckpt.items() if k not in ("config", "extra", "rng")}
     return {**rest, "rng": _without_numpy(ckpt["rng"]), "extra": extra, "config": config}
 
@@ -137,7 +141,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, pres
     # (a) uninterrupted, and (b) the same run in another folder, killed after its first checkpoint;
     # both at once (one thread each)
     run_a = _start(_command(preset, a_dir, "deit", "--resume", "no", "--quiet"), hashseed="1")
-    run_b = _start(_command(preset, b_dir, "deit", "--resume", "no", "--quiet"), hashseed="2")
+    run_b = _start(_command(preset, b_dir, "deit", "--resume", "no", "--quiet", *PREFETCH), hashseed="2")
     try:
         deadline = time.monotonic() + 240
         while not _steps(b_dir):
@@ -162,7 +166,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, pres
 
     # B resumed in a fresh process (another hash seed), and the same seeds as A without augmentation
     resumed_at = time.time_ns()
-    run_b2 = _start(_command(preset, b_dir, "deit", "--resume"), hashseed="3")
+    run_b2 = _start(_command(preset, b_dir, "deit", "--resume", *PREFETCH), hashseed="3")
     run_plain = _start(_command(preset, plain_dir, "none", "--resume", "no", "--quiet", "--stop-at", "2"), hashseed="1")
     _finish(run_a, "run A")
     resume_log = _finish(run_b2, "the resumed run B")

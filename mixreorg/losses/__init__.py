@@ -19,7 +19,7 @@ from mixreorg.losses.contrastive import (
     text_ids,
 )
 from mixreorg.losses.mixreorg import MixedSegmentationLoss, MixReorgLoss, canonical_caption_index
-from mixreorg.losses.objective import MULTI_LABEL_POOLS, ContrastiveObjective
+from mixreorg.losses.objective import MULTI_LABEL_POOLS, ContrastiveObjective, label_key_ids
 
 __all__ = [
     "ContrastiveObjective",
@@ -34,6 +34,7 @@ __all__ = [
     "prompt_loss",
     "canonical_caption_index",
     "keys_to_ids",
+    "label_key_ids",
     "logit_scale_value",
     "similarity_logits",
     "soft_cross_entropy",

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from mixreorg.distributed import get_rank, is_distributed
@@ -44,9 +45,16 @@ from .contrastive import (
     prompt_loss,
 )
 
-__all__ = ["ContrastiveObjective", "MULTI_LABEL_POOLS"]
+__all__ = ["ContrastiveObjective", "MULTI_LABEL_POOLS", "label_key_ids"]
 
 MULTI_LABEL_POOLS = ("image", "max_segment")
+
+
+@torch.compiler.disable
+def _hash_keys(rows: list, shape: tuple[int, ...]) -> torch.Tensor:
+    # hashing Python strings cannot be traced: under torch.compile this runs eagerly (one graph
+    # break); recipes hand in the tensors BatchBuilder hashed already and never get here
+    return keys_to_ids(rows).view(shape)
 
 
 def _ids(keys: Sequence[Hashable] | torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -61,10 +69,34 @@ def _ids(keys: Sequence[Hashable] | torch.Tensor, name: str, shape: tuple[int, .
             rows = [key for r in rows for key in r]
         elif len(rows) != shape[0]:
             raise ValueError(f"{name} has {len(rows)} entries for a batch of {shape[0]}")
-        ids = keys_to_ids(rows).view(shape)
-    if ids.shape != shape or ids.is_floating_point():
+        ids = _hash_keys(rows, shape)
+    if ids.shape != shape or ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"{name} must be integer ids of shape {list(shape)}, got {ids.dtype} {tuple(ids.shape)}")
     return ids
+
+
+@torch.compiler.disable
+def label_key_ids(label_keys: Sequence[Iterable[Hashable]], width: int = 1) -> torch.Tensor:
+    """Every image's label keys -> ``LongTensor [B, M]`` of their ids (:func:`keys_to_ids`), -1 padded.
+
+    ``M`` is ``width`` or, when an image has more distinct keys, that count: a fixed ``width`` keeps
+    the shape of every batch the same (one compiled graph). Repeated keys of an image count once.
+    """
+    sets = [list(dict.fromkeys(k)) for k in label_keys]
+    m = max([int(width), 1] + [len(s) for s in sets])
+    out = torch.full((len(sets), m), -1, dtype=torch.long)
+    for i, s in enumerate(sets):
+        if s:
+            out[i, : len(s)] = keys_to_ids(s)
+    return out
+
+
+def _pad_label_ids_across_ranks(ids: torch.Tensor) -> torch.Tensor:
+    """Pad ``[B, M]`` label ids with -1 to the largest ``M`` of all ranks (all_gather needs one shape)."""
+    t = torch.tensor([ids.shape[1]], dtype=torch.long, device=ids.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    m = int(t.item())
+    return F.pad(ids, (0, m - ids.shape[1]), value=-1) if m > ids.shape[1] else ids
 
 
 class ContrastiveObjective(nn.Module):
@@ -88,15 +120,16 @@ class ContrastiveObjective(nn.Module):
                   prompt_embed [B, K, D] | None = None, multi_label_scale | None = None,
                   text_keys: list[hashable] | LongTensor [B] | None = None,
                   prompt_keys: list[list[hashable]] | LongTensor [B, K] | None = None,
-                  label_keys: list[iterable[hashable]] | None = None,
+                  label_keys: list[iterable[hashable]] | LongTensor [B, M] | None = None,
                   seg_embed [B, S, D] | None = None)
         -> dict(loss, itc, [ml], acc_i2t, acc_t2i, scale, [bias])
 
     ``logit_scale`` / ``multi_label_scale`` are LOG-space scalars (the model's parameters).
     ``prompt_keys[j][k]`` names prompt ``(j, k)`` (its noun); ``label_keys[i]`` lists what image ``i``
-    shows (default: its own prompts' keys). The returned ``acc_*`` are in-batch retrieval accuracies
-    (top-1 is one of the positives), detached floats. Logits are float32 (at least), also under
-    autocast.
+    shows (default: its own prompts' keys; as ids: ``[B, M]``, -1 = padding). The returned ``acc_*``
+    are in-batch retrieval accuracies (top-1 is one of the positives) and ``scale`` / ``bias`` the
+    current values, all detached 0-d tensors (no host sync per step; ``float()`` them to log).
+    Logits are float32 (at least), also under autocast.
     """
 
     def __init__(
@@ -139,29 +172,32 @@ class ContrastiveObjective(nn.Module):
             f"multi_label_weight={self.multi_label_weight}, multi_label_pool={self.multi_label_pool!r}"
         )
 
-    def _label_ids(self, label_keys: Sequence[Iterable[Hashable]], batch: int, device) -> torch.Tensor:
-        """Padded ``[B, M]`` ids of every image's label keys (-1 = padding), same M on every rank."""
-        sets = [list(dict.fromkeys(k)) for k in label_keys]
-        if len(sets) != batch:
-            raise ValueError(f"label_keys has {len(sets)} entries for a batch of {batch}")
-        m = max(1, max(len(s) for s in sets))
+    def _label_ids(self, label_keys: Sequence[Iterable[Hashable]] | torch.Tensor, batch: int, device) -> torch.Tensor:
+        """``[B, M]`` ids of every image's label keys (-1 = padding), the same M on every rank."""
+        if isinstance(label_keys, torch.Tensor):
+            ids = label_keys
+            if ids.ndim != 2 or ids.shape[0] != batch or ids.is_floating_point() or ids.is_complex():
+                raise ValueError(
+                    f"label_keys must be integer ids [B={batch}, M] (-1 = padding), got {ids.dtype} {tuple(ids.shape)}"
+                )
+        else:
+            label_keys = list(label_keys)
+            if len(label_keys) != batch:
+                raise ValueError(f"label_keys has {len(label_keys)} entries for a batch of {batch}")
+            ids = label_key_ids(label_keys)
+        ids = ids.to(device)
         if self.gather and is_distributed():
-            t = torch.tensor([m], dtype=torch.long, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            m = int(t.item())
-        out = torch.full((batch, m), -1, dtype=torch.long)
-        for i, s in enumerate(sets):
-            if s:
-                out[i, : len(s)] = keys_to_ids(s)
-        return out.to(device)
+            ids = _pad_label_ids_across_ranks(ids)
+        return ids
 
-    def _retrieval_accuracy(self, logits: torch.Tensor, pos: torch.Tensor) -> tuple[float, float]:
+    def _retrieval_accuracy(self, logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # 0-d tensors, not floats: a float would sync the device every step and break a compiled graph
         batch = logits.shape[0]
         offset = get_rank() * batch if self.gather and is_distributed() else 0
         rows = torch.arange(batch, device=logits.device)
-        acc_i2t = pos[rows, logits.argmax(-1)].float().mean().item()
+        acc_i2t = pos[rows, logits.argmax(-1)].float().mean()
         top_t = logits[:, offset : offset + batch].argmax(0)  # within this rank's batch
-        acc_t2i = pos[top_t, rows + offset].float().mean().item()
+        acc_t2i = pos[top_t, rows + offset].float().mean()
         return acc_i2t, acc_t2i
 
     def forward(
@@ -174,7 +210,7 @@ class ContrastiveObjective(nn.Module):
         multi_label_scale: torch.Tensor | float | None = None,
         text_keys: Sequence[Hashable] | torch.Tensor | None = None,
         prompt_keys: Sequence[Sequence[Hashable]] | torch.Tensor | None = None,
-        label_keys: Sequence[Iterable[Hashable]] | None = None,
+        label_keys: Sequence[Iterable[Hashable]] | torch.Tensor | None = None,
         seg_embed: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         check_pair(image_embed, text_embed)
@@ -188,9 +224,9 @@ class ContrastiveObjective(nn.Module):
         )
         with torch.no_grad():
             acc_i2t, acc_t2i = self._retrieval_accuracy(logits, pos)
-        out: dict[str, Any] = {"itc": itc, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i, "scale": float(scale.detach())}
+        out: dict[str, Any] = {"itc": itc, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i, "scale": scale.detach()}
         if self.bias is not None:
-            out["bias"] = float(self.bias.detach())
+            out["bias"] = self.bias.detach()
         loss = itc
         if self.multi_label_weight > 0:
             ml = self._multi_label(

@@ -61,6 +61,9 @@ class DataConfig:
         :func:`mixreorg.text.extract_nouns`) or ``"none"``.
     noun_vocabulary: restrict extracted nouns to these words (None: the heuristic extractor).
     num_workers: DataLoader workers (0: in the training process).
+    prefetch: batches prepared ahead on a background thread of the training process (reading the
+        stream and building the batch while the step runs; 0: in the loop, between steps). Every
+        batch and the exact resume are unchanged; it gains where a core is free for the thread.
     seed: data order / augmentation seed (SynthShapes: the training stream's seed).
     """
 
@@ -74,6 +77,7 @@ class DataConfig:
     text_keys: str = "nouns"
     noun_vocabulary: list | None = None
     num_workers: int = 0
+    prefetch: int = 0
     seed: int = 0
 
 
@@ -156,7 +160,14 @@ class TrainConfig:
         steps or the time budget, so the warmup and the cosine complete within the budget on a slower
         (or busier) machine too. Results then depend on the machine's speed; exact resume holds only
         without it.
-    amp: bf16 autocast on CUDA (ignored on CPU).
+    amp: bf16 autocast on CUDA (ignored on CPU: see ``cpu_bf16``).
+    cpu_bf16: bf16 autocast on CPU: ``"off"`` (float32), ``"auto"`` (on where the CPU computes bf16
+        natively -- AVX512-BF16 or AMX, :func:`mixreorg.recipes.train.cpu_bf16_support` -- off
+        elsewhere) or ``"on"`` (required: a CPU without native bf16 raises instead of emulating it
+        several times slower). Off by default: the same seeds then give the same weights on every CPU.
+    compile: ``torch.compile`` the trainer model's forward and backward (the optimiser step stays
+        eager). Token rows are then padded to the text context so that every step has one shape;
+        the first steps pay the compilation.
     threads: torch CPU threads per process (0: leave torch's default).
     save_every: checkpoint interval in steps (0: only at the end); keep_last: checkpoints kept.
     log_every: JSONL / progress interval in steps.
@@ -170,6 +181,8 @@ class TrainConfig:
     schedule_by_time: bool = False
     seed: int = 0
     amp: bool = True
+    cpu_bf16: str = "off"
+    compile: bool = False
     threads: int = 0
     out_dir: str = "runs/pretrain"
     save_every: int = 1000

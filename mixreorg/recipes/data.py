@@ -1,24 +1,28 @@
-"""The training data of a run: the resumable stream of ``cfg.data`` for one rank, and the batches the
+"""The training data of a run: the resumable stream of ``cfg.data`` for one rank, the batches the
 trainer models read (tokenized captions, noun prompts and their keys, SynthShapes' masks), with an
-augmentation that is a pure function of (seed, step, rank, sample)."""
+augmentation that is a pure function of (seed, step, rank, sample), and the :class:`Prefetcher`
+that builds them on a background thread while the step runs."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import queue
 import random
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mixreorg.losses import keys_to_ids, label_key_ids
 from mixreorg.text import make_prompts, tokenize
 from mixreorg.text.nouns import extract_nouns
 
 from .config import PretrainConfig
 
-__all__ = ["BatchBuilder", "build_stream", "to_device"]
+__all__ = ["BatchBuilder", "Prefetcher", "build_stream", "to_device", "token_row_keys"]
 
 
 def build_stream(cfg: PretrainConfig, local_batch: int, rank: int, world: int):
@@ -80,18 +84,29 @@ def _augment_synth(images: torch.Tensor, gen: torch.Generator, crop_scale: float
 class BatchBuilder:
     """Raw stream batches (``image``, ``caption``, optional ``nouns``) -> trainer-model batches.
 
-    Adds ``text`` (token ids), ``prompts`` ``[B, K, T]`` (K noun prompts per image,
-    :func:`mixreorg.text.make_prompts`), ``text_keys`` (``data.text_keys``), ``prompt_keys`` (each
-    prompt's noun, or the caption for filler prompts) and ``label_keys`` (the image's nouns and its
-    caption). The prompt draw for a step depends only on ``(seed, step, rank)``: resumable.
+    Adds ``text`` (token ids ``[B, T]``), ``caption_keys`` (``[B]``: equal token rows, equal keys),
+    ``prompts`` ``[B, K, T]`` (K noun prompts per image, :func:`mixreorg.text.make_prompts`), and the
+    keys of the objective as int64 id tensors (:func:`mixreorg.losses.keys_to_ids`): ``text_keys``
+    ``[B]`` (``data.text_keys``), ``prompt_keys`` ``[B, K]`` (each prompt's noun, or the caption for
+    filler prompts) and ``label_keys`` ``[B, M]`` (the image's nouns and its caption, -1 padded to a
+    multiple of 8). ``keys`` holds the same keys readable (``text`` / ``prompt`` / ``label`` lists).
+    The prompt draw for a step depends only on ``(seed, step, rank)``: resumable.
+
     ``with_masks``: also pass the stream's ``mask`` as ``masks`` (models with ``needs_masks``).
+    ``fixed_length``: pad every token row to ``context_length`` instead of trimming the all-padding
+    tail, so that every batch has the same shapes (what ``torch.compile`` needs to compile once);
+    trimming is exact and cheaper in eager mode (see :func:`_trim`).
     """
 
-    def __init__(self, cfg: PretrainConfig, context_length: int, rank: int = 0, with_masks: bool = False) -> None:
+    LABEL_WIDTH = 8  # label ids are padded to a multiple of this: one shape for (nearly) every batch
+
+    def __init__(self, cfg: PretrainConfig, context_length: int, rank: int = 0, with_masks: bool = False,
+                 fixed_length: bool = False) -> None:
         self.cfg = cfg
         self.ctx = int(context_length)
         self.rank = rank
         self.with_masks = with_masks
+        self.fixed_length = bool(fixed_length)
         self._cache: dict[str, torch.Tensor] = {}
         vocab = cfg.data.noun_vocabulary
         if vocab is None and cfg.data.source == "synthshapes":
@@ -102,15 +117,17 @@ class BatchBuilder:
 
     def _tokens(self, texts: Sequence[str], cache: bool) -> torch.Tensor:
         if not cache:
-            return tokenize(list(texts), context_length=self.ctx)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            for t, ids in zip(missing, tokenize(missing, context_length=self.ctx)):
-                if len(self._cache) < 100_000:
-                    self._cache[t] = ids
-        return torch.stack(
-            [self._cache[t] if t in self._cache else tokenize([t], context_length=self.ctx)[0] for t in texts]
-        )
+            ids = tokenize(list(texts), context_length=self.ctx)
+        else:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+            if missing:
+                for t, row in zip(missing, tokenize(missing, context_length=self.ctx)):
+                    if len(self._cache) < 100_000:
+                        self._cache[t] = row
+            ids = torch.stack(
+                [self._cache[t] if t in self._cache else tokenize([t], context_length=self.ctx)[0] for t in texts]
+            )
+        return ids if self.fixed_length else _trim(ids)
 
     def __call__(self, raw: dict[str, Any], step: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -124,7 +141,9 @@ class BatchBuilder:
         nouns = raw.get("nouns")
         if nouns is None:
             nouns = [extract_nouns(c, self.vocabulary) for c in captions]
-        batch: dict[str, Any] = {"images": images, "text": _trim(self._tokens(captions, cache=False))}
+        text = self._tokens(captions, cache=False)
+        batch: dict[str, Any] = {"images": images, "text": text, "caption_keys": token_row_keys(text)}
+        keys: dict[str, Any] = {}
         if self.with_masks and raw.get("mask") is not None:
             batch["masks"] = raw["mask"]  # [B, H, W] (SynthShapes): the supervised upper bound's labels
         if cfg.objective.multi_label_weight > 0:
@@ -135,16 +154,29 @@ class BatchBuilder:
                 ps, from_nouns = make_prompts(cap, k, rng, nouns=ns, return_nouns=True)
                 prompts.extend(ps)
                 pkeys.append([cap if n is None else n for n in from_nouns])  # filler prompts: the caption
-            batch["prompts"] = _trim(self._tokens(prompts, cache=True)).reshape(len(captions), k, -1)
-            batch["prompt_keys"] = pkeys
-            batch["label_keys"] = [list(dict.fromkeys(list(ns) + [cap])) for cap, ns in zip(captions, nouns)]
+            batch["prompts"] = self._tokens(prompts, cache=True).reshape(len(captions), k, -1)
+            keys["prompt"] = pkeys
+            keys["label"] = [list(dict.fromkeys(list(ns) + [cap])) for cap, ns in zip(captions, nouns)]
+            batch["prompt_keys"] = keys_to_ids([key for row in pkeys for key in row]).view(len(captions), k)
+            width = max(len(labels) for labels in keys["label"])
+            batch["label_keys"] = label_key_ids(keys["label"], -(-width // self.LABEL_WIDTH) * self.LABEL_WIDTH)
         if cfg.data.text_keys == "caption":
-            batch["text_keys"] = captions
+            keys["text"] = captions
         elif cfg.data.text_keys == "nouns":
-            batch["text_keys"] = [
+            keys["text"] = [
                 ("nouns",) + tuple(sorted(set(ns))) if ns else ("caption", c) for c, ns in zip(captions, nouns)
             ]
+        if "text" in keys:
+            batch["text_keys"] = keys_to_ids(keys["text"])
+        batch["keys"] = keys
         return batch
+
+
+def token_row_keys(token_ids: torch.Tensor) -> torch.Tensor:
+    """Equal token rows -> equal integer keys ``[N]`` (identical captions are one class in MixReorg's
+    segmentation loss: their text embeddings cannot differ)."""
+    _, inverse = torch.unique(token_ids, dim=0, return_inverse=True)
+    return inverse
 
 
 def _trim(ids: torch.Tensor) -> torch.Tensor:
@@ -156,3 +188,71 @@ def _trim(ids: torch.Tensor) -> torch.Tensor:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class Prefetcher:
+    """Training batches made on a background thread while the step runs: ``next()`` ->
+    ``(raw, batch)`` with ``batch = build(raw, step)`` for ``step = start, start + 1, ...``.
+
+    One producer reading ``batches`` in order and a FIFO queue of at most ``depth`` batches: the
+    order, and so every batch, is what the loop would have read itself. The stream's position
+    is not touched here: the trainer ``observe()``-s each raw batch when it CONSUMES it, so a
+    checkpoint saves the consumed position and the batches read ahead are read again on resume.
+    ``build`` must not draw from global RNGs (the training step draws from them concurrently);
+    :class:`BatchBuilder` seeds its own from ``(seed, step, rank)``. An error in the thread is
+    raised by ``next()``; ``close()`` stops the thread.
+    """
+
+    def __init__(self, batches: Iterator[dict[str, Any]], build: Callable[[dict[str, Any], int], dict[str, Any]],
+                 start: int, depth: int) -> None:
+        if depth < 1:
+            raise ValueError(f"Prefetcher: depth must be >= 1 batch, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(batches, build, start), daemon=True,
+                                        name="mixreorg-prefetch")
+        self._thread.start()
+
+    def _put(self, item: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, batches: Iterator[dict[str, Any]], build: Callable, step: int) -> None:
+        try:
+            while not self._stop.is_set():
+                raw = next(batches)
+                if not self._put(("batch", raw, build(raw, step))):
+                    return
+                step += 1
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(("error", err, None))
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        while True:
+            try:
+                kind, a, b = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("Prefetcher: the producer thread ended without a batch or an error") from None
+        if kind == "error":
+            self.close()
+            raise a
+        return a, b
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10.0)

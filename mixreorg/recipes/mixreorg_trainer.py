@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from mixreorg.losses import MixReorgLoss, text_ids
 from mixreorg.nn.mixreorg import MixReorg
 
 from .builders import build_groupvit, build_objective
+from .data import token_row_keys
 
 __all__ = ["MixReorgPretrainer", "build_mixreorg_trainer"]
 
@@ -45,23 +45,32 @@ class MixReorgPretrainer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
 
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with this step's mixing ``plan`` drawn (from the global RNG, as the forward would).
+
+        The training loop calls it eagerly before the forward: drawing and checking a plan reads
+        tensor values, which would break a ``torch.compile``-d forward; given one, the forward
+        only indexes with it. Without it the forward draws the plan itself, the same way.
+        """
+        if batch.get("plan") is not None:
+            return batch
+        images = batch["images"]
+        grid = self.model.vision.patch_embed.grid_for(images)
+        return {**batch, "plan": self.model.make_plan(images.shape[0], grid, images.device)}
+
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         images, text = batch["images"], batch["text"]
         prompts = batch.get("prompts") if getattr(self.objective, "multi_label_weight", 1.0) else None
-        out = self.model(images, text, prompt_ids=prompts)
-        captions = batch.get("captions")
-        keys = text_ids(captions).to(images.device) if captions is not None else _row_keys(text)
+        out = self.model(images, text, prompt_ids=prompts, plan=batch.get("plan"))
+        keys = batch.get("caption_keys")
+        if keys is None:
+            captions = batch.get("captions")
+            keys = text_ids(captions).to(images.device) if captions is not None else token_row_keys(text)
         extra = {k: batch.get(k) for k in ("text_keys", "prompt_keys", "label_keys")}
         return self.loss(out, caption_keys=keys, **extra)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.training_losses(batch)
-
-
-def _row_keys(token_ids: torch.Tensor) -> torch.Tensor:
-    """Equal token rows -> equal integer keys (for merging duplicate captions in a group)."""
-    _, inverse = torch.unique(token_ids, dim=0, return_inverse=True)
-    return inverse
 
 
 def build_mixreorg_trainer(cfg) -> MixReorgPretrainer:

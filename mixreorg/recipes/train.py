@@ -33,14 +33,16 @@ from mixreorg.checkpoint import (
 )
 
 from .config import PretrainConfig, config_from_dict
-from .data import BatchBuilder, build_stream, to_device
+from .data import BatchBuilder, Prefetcher, build_stream, to_device
 from .distributed import all_gather_object, init_distributed
 from .evaluation import evaluate_datasets
 from .logger import MetricsLog, Progress, eta_seconds, plot_metrics, scalar_value, truncate_jsonl
 from .models import build_model
 from .scheduler import WarmupCosine, build_optimizer
 
-__all__ = ["NaNLossError", "Run", "train"]
+__all__ = ["NaNLossError", "Run", "cpu_bf16_support", "resolve_cpu_bf16", "train"]
+
+CPU_BF16_MODES = ("off", "auto", "on")
 
 
 class NaNLossError(RuntimeError):
@@ -69,6 +71,7 @@ class Run:
     start: int = 0  # the step this process starts from (a resumed run: the checkpoint's)
     elapsed_before: float = 0.0  # training seconds of the interrupted run (time budgets continue)
     last_good: Path | None = None
+    cpu_bf16: bool = False  # bf16 autocast on CPU (train.cpu_bf16, resolved against this CPU)
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -87,9 +90,48 @@ class Run:
         return time.perf_counter() - self.t_start + self.elapsed_before
 
 
+def cpu_bf16_support() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively -> ``(native, what torch found)``.
+
+    Native: AVX512-BF16 or AMX tiles (the instructions oneDNN's bf16 kernels use). Elsewhere
+    (e.g. AVX2 only) bf16 autocast converts to float32 and back around every op: slower, never faster.
+    """
+    found = {
+        name: bool(probe())
+        for name, probe in (("avx512_bf16", getattr(torch.cpu, "_is_avx512_bf16_supported", None)),
+                            ("amx", getattr(torch.cpu, "_is_amx_tile_supported", None)))
+        if probe is not None
+    }
+    if not found and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"):
+        found["mkldnn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native = any(found.values())
+    return native, ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in found.items()) or "no probe in this torch"
+
+
+def resolve_cpu_bf16(mode: str, native: bool | None = None) -> bool:
+    """``train.cpu_bf16`` -> whether the CPU steps run under bf16 autocast. ``native``: the CPU's
+    support (default: :func:`cpu_bf16_support`). ``"on"`` without it raises ``ValueError``."""
+    if mode not in CPU_BF16_MODES:
+        raise ValueError(f"train.cpu_bf16 must be one of {'|'.join(CPU_BF16_MODES)}, got {mode!r}")
+    if mode == "off":
+        return False
+    found = "given"
+    if native is None:
+        native, found = cpu_bf16_support()
+    if mode == "on" and not native:
+        raise ValueError(
+            f"train.cpu_bf16=on, but this CPU has no native bf16 ({found}): bf16 autocast would be "
+            "emulated, slower than float32. Use train.cpu_bf16=auto (bf16 only where native) or off"
+        )
+    return native
+
+
 def _setup(cfg: PretrainConfig) -> Run:
     cfg.validate()
+    if cfg.data.prefetch < 0:
+        raise ValueError(f"data.prefetch must be >= 0 batches (0: no background thread), got {cfg.data.prefetch}")
     rank, world, device = init_distributed()
+    cpu_bf16 = resolve_cpu_bf16(cfg.train.cpu_bf16) if device.type == "cpu" else False
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.batch_size % world:
@@ -102,7 +144,7 @@ def _setup(cfg: PretrainConfig) -> Run:
     model = build_model(cfg).to(device)
     optimizer, schedule = build_optimizer(model, cfg)
     stream = build_stream(cfg, cfg.train.batch_size // world, rank, world)
-    return Run(cfg, rank, world, device, model, optimizer, schedule, stream, manager)
+    return Run(cfg, rank, world, device, model, optimizer, schedule, stream, manager, cpu_bf16=cpu_bf16)
 
 
 def _checkpoint_to_resume(run: Run, resume: str | bool | os.PathLike) -> Path | None:
@@ -132,7 +174,8 @@ def _resume(run: Run, path: Path, quiet: bool) -> None:
         run.optimizer,
         run.schedule,
         config=run.cfg.to_dict(),
-        ignore_config_keys=("train.time_limit", "eval", "train.log_every", "train.log"),
+        # data.prefetch changes when batches are made, not which: a resumed run may switch it
+        ignore_config_keys=("train.time_limit", "eval", "train.log_every", "train.log", "data.prefetch"),
         restore_rng=False,
     )
     run.start = info["step"]
@@ -200,8 +243,13 @@ def train_step(run: Run, train_model: nn.Module, batch: dict[str, Any], step: in
     """One optimiser step (``step`` 0-based) -> ``(the model's outputs, gradient norm)``; raises
     :class:`NaNLossError` before the update when the loss or the gradient is not finite."""
     cfg = run.cfg
-    amp = cfg.train.amp and run.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+    if run.device.type == "cuda" and cfg.train.amp:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    elif run.device.type == "cpu" and run.cpu_bf16:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext()
+    with autocast:
         outs = train_model(batch)
     loss = outs["loss"]
     if not bool(torch.isfinite(loss.detach()).all()):
@@ -218,18 +266,25 @@ def train_step(run: Run, train_model: nn.Module, batch: dict[str, Any], step: in
 
 
 class _Window:
-    """Means of the logged numbers since the last record, and the images/s over that window."""
+    """Means of the logged numbers since the last record, and the images/s over that window.
+
+    Tensors are summed as (detached) tensors and read once per record: reading them every step
+    would wait for the device every step.
+    """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Any] = {}
         self.count, self.images, self.t0 = 0, 0, time.perf_counter()
 
     def add(self, outs: dict[str, Any], gnorm: float, images: int) -> None:
         for key, value in outs.items():
-            v = scalar_value(value)
+            if isinstance(value, torch.Tensor):
+                v = value.detach().float().reshape(()) if value.numel() == 1 else None
+            else:
+                v = scalar_value(value)
             if v is not None:
                 self.sums[key] = self.sums.get(key, 0.0) + v
         self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + gnorm
@@ -241,7 +296,7 @@ class _Window:
         train_time = now - run.t_start
         rec: dict[str, Any] = {"kind": "train", "step": step, "lr": lr,
                                "img_s": self.images / max(now - self.t0, 1e-9), "time_s": train_time}
-        rec.update({k: v / self.count for k, v in self.sums.items()})
+        rec.update({k: float(v) / self.count for k, v in self.sums.items()})
         t = run.cfg.train
         rec["eta_s"] = eta_seconds(step, t.steps, run.start, train_time, run.elapsed(), t.time_limit)
         self.reset()
@@ -267,14 +322,32 @@ def _loader(run: Run) -> Iterator[dict[str, Any]]:
     return iter(loader)
 
 
+def _batches(run: Run, builder: BatchBuilder) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(raw, batch)`` for the steps from ``run.start`` on, made on a background thread with
+    ``data.prefetch`` > 0 (:class:`Prefetcher`), else in the loop."""
+    it = _loader(run)
+    if run.cfg.data.prefetch > 0:
+        return Prefetcher(it, builder, run.start, run.cfg.data.prefetch)
+    return ((raw, builder(raw, step)) for step, raw in enumerate(it, start=run.start))
+
+
+def _compiled(run: Run, train_model: nn.Module) -> nn.Module:
+    if not run.cfg.train.compile:
+        return train_model
+    # the forward and its backward; the optimiser step and the NaN checks stay eager
+    return torch.compile(train_model)
+
+
 def train_loop(run: Run, end: int, quiet: bool) -> int:
     """Train from ``run.start`` to ``end`` (or the time budget); checkpoints every
     ``train.save_every`` steps and at the last one. Returns the step reached."""
     cfg = run.cfg
-    train_model = _train_model(run)
+    train_model = _compiled(run, _train_model(run))
+    prepare = getattr(run.model, "prepare_batch", None)  # eager per-step inputs (MixReorg's plan)
     ctx_len = int(getattr(run.model.inference_model().text, "context_length", 77))
-    builder = BatchBuilder(cfg, ctx_len, run.rank, with_masks=getattr(run.model, "needs_masks", False))
-    it = _loader(run)
+    builder = BatchBuilder(cfg, ctx_len, run.rank, with_masks=getattr(run.model, "needs_masks", False),
+                           fixed_length=cfg.train.compile)
+    batches = _batches(run, builder)
     log = _metrics_log(run, purge_step=run.start + 1 if run.start > 0 else None)
     progress = Progress(cfg.train.steps, enabled=(run.rank == 0 and not quiet), start=run.start)
     window = _Window()
@@ -283,9 +356,11 @@ def train_loop(run: Run, end: int, quiet: bool) -> int:
     run.t_start = time.perf_counter()
     try:
         while step < end:
-            raw = next(it)
+            raw, batch = next(batches)
             run.stream.observe(raw)
-            batch = to_device(builder(raw, step), run.device)
+            batch = to_device(batch, run.device)
+            if prepare is not None:
+                batch = prepare(batch)
             lr = _apply_schedule(run)
             outs, gnorm = train_step(run, train_model, batch, step)
             step += 1
@@ -307,6 +382,8 @@ def train_loop(run: Run, end: int, quiet: bool) -> int:
                     print(f"time limit {cfg.train.time_limit:.0f}s reached at step {step}", file=sys.stderr)
                 break
     finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()
         progress.close()
         log.close()
     return step
