@@ -9,10 +9,10 @@ Cases (bytes are what the op must move):
 - ``bwd``: the backward alone (2N) vs ``clone``; ``advidx`` is what users write today,
   ``x[src, arange(L)]``, whose backward is an index_put with accumulation (a scatter-add).
 - ``mix_add``: fused ``y + mix(x)`` (3N) vs ``mix`` then ``add`` (unfused) and ``clone`` of 1.5N.
-- ``interleaved``: fwd, fwd+bwd and bwd of ours, of ours without the huge-page hint of its
-  outputs (the code before that hint), of advanced indexing and of clone, timed ALTERNATELY in one
-  loop (slow drifts of machine load hit all alike), best of the rounds; prints the ratios side by
-  side. The goals of issue 11 on CPU are read off this table.
+- ``interleaved``: fwd, fwd+bwd and bwd of ours, of ours as it was before issue 11 (``before``:
+  no huge-page hint on the outputs, rows gathered whole), of advanced indexing and of clone, timed
+  ALTERNATELY in one loop (slow drifts of machine load hit all alike), best of the rounds; prints
+  the ratios side by side. The goals of issue 11 on CPU are read off this table.
 Triton is timed on CUDA only (on CPU it would run in the interpreter).
 """
 
@@ -27,6 +27,7 @@ import pytest
 import torch
 from _report import record
 
+import mixreorg.ops.patch_mix as patch_mix
 import mixreorg.ops.utils as ops_utils
 from mixreorg.ops import MixPlan, mix, mix_add, restore
 
@@ -193,14 +194,15 @@ def test_restore_clone(benchmark):
 
 # ------------------------------------------------------------------------------------ interleaved
 @contextlib.contextmanager
-def _no_huge_page_hint():
-    """The outputs of the ops as they were allocated before the hint (plain ``torch.empty``)."""
-    saved = ops_utils.HUGE_PAGE_MIN_BYTES
-    ops_utils.HUGE_PAGE_MIN_BYTES = math.inf
+def _as_before():
+    """The torch path as it was before issue 11: outputs from plain ``torch.empty`` (no huge-page
+    hint) and rows gathered whole (no 1-2 KiB pieces)."""
+    saved = ops_utils.HUGE_PAGE_MIN_BYTES, patch_mix._SPLIT_ROW_BYTES
+    ops_utils.HUGE_PAGE_MIN_BYTES, patch_mix._SPLIT_ROW_BYTES = math.inf, (0, 0)
     try:
         yield
     finally:
-        ops_utils.HUGE_PAGE_MIN_BYTES = saved
+        ops_utils.HUGE_PAGE_MIN_BYTES, patch_mix._SPLIT_ROW_BYTES = saved
 
 
 def _timed(fn: Callable[[], object], setup: Callable[[], tuple] = tuple) -> Callable[[], float]:
@@ -235,7 +237,7 @@ def _interleaved_timers(x, grad, plan) -> dict[str, dict[str, Callable[[], float
 
     def no_hint(f):
         def run(*args):
-            with _no_huge_page_hint():
+            with _as_before():
                 return f(*args)
         return run
 
@@ -255,7 +257,7 @@ def _interleaved_timers(x, grad, plan) -> dict[str, dict[str, Callable[[], float
 @pytest.mark.parametrize("shape,dtype", list(_params()))
 def test_mix_interleaved_ratios(shape, dtype, capsys):
     """Ours vs clone (the bandwidth ceiling: fwd+bwd vs clone + clone) vs advanced indexing, and
-    ours before the huge-page hint, in one interleaved loop; printed, not asserted."""
+    ours before issue 11, in one interleaved loop; printed, not asserted."""
     plan, x = _setup(shape, dtype)
     grad = torch.randn(x.shape, device=DEVICE, dtype=dtype)
     rounds = 5 if x.nbytes > 100e6 else 7

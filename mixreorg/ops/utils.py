@@ -8,23 +8,13 @@ validation of flat index tensors, and :func:`empty_output`, the allocation of la
 
 Large CPU outputs. glibc serves every allocation of 32 MiB or more with a fresh ``mmap``, so the
 first write to each 4 KiB page of a new output takes a page fault in which the kernel zeroes it;
-on the dev machine that costs ~4x the copy itself (``clone`` of 77 MB: ~37 ms, of which ~6 ms is
-the copy into memory that is already mapped). :func:`empty_output` asks the kernel for
-transparent huge pages on such outputs (``madvise(MADV_HUGEPAGE)``, the hint torch itself gives
-under ``THP_MEM_ALLOC_ENABLE=1``): one fault per 2 MiB, and the page-fault cost drops ~3x. A hint
-only: the bytes written are the same, and where it is unavailable nothing changes.
-
-bfloat16 rounding. ``f32_to_bf16_rtne`` (Triton) and :func:`f32_to_bf16_rtne_torch` round
-float32 to bfloat16 to nearest, ties to even, with integer arithmetic on the bits: Triton's CPU
-interpreter truncates float32 -> bfloat16 casts while the GPU rounds, so a plain cast would make
-the interpreter and the GPU disagree. For every non-NaN input the result is torch's
-``x.to(torch.bfloat16)`` bit for bit, including subnormals, ties and the overflow to ``+-inf``
-(``0x7F7FFFFF`` rounds to ``inf``). Every NaN (any sign, any payload) becomes the quiet NaN
-:data:`BF16_NAN_BITS` ``0x7FC0``, the value of c10's scalar ``round_to_nearest_even``; without that
-guard the bit arithmetic carries NaN payloads into the exponent (CUDA's canonical NaN
-``0x7FFFFFFF`` would become ``-0.0``). NaN *bits* differ between backends anyway (torch's
-vectorised CPU cast gives ``0xFFFF``, CUDA's ``cvt.rn.bf16.f32`` gives ``0x7FFF``), so compare NaNs
-with ``isnan``.
+on the dev machine (one core, unloaded) that costs ~5x the copy itself: ``clone`` of 77 MB takes
+~37 ms, the same copy into memory that is already mapped ~6.5 ms. :func:`empty_output` asks the
+kernel for transparent huge pages on such outputs (``madvise(MADV_HUGEPAGE)``, the hint torch
+itself gives every allocation under ``THP_MEM_ALLOC_ENABLE=1``): one fault per 2 MiB, and a fresh
+77 MB output plus its copy takes ~14 ms. A hint only: the bytes written are the same, and where
+it is unavailable (THP off, not Linux) nothing changes. With ``defrag`` at its default
+(``madvise``) a fault may compact memory when no free 2 MiB page is left; no stall was seen here.
 """
 
 from __future__ import annotations
