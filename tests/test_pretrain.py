@@ -510,6 +510,40 @@ def test_supervised_hard_maps_give_each_pixel_its_group_logits(tmp_path: Path) -
         tiny_config(tmp_path / "bad", **{"model.supervised_maps": "argmax"})
 
 
+def test_supervised_aux_loss_reads_the_first_stage_patches(tmp_path: Path) -> None:
+    """``model.supervised_aux=w``: the loss is the per-pixel CE through the grouping plus ``w`` times a
+    per-pixel CE of the first stage's patch tokens through the same image head and class embeddings;
+    the encoding it runs is the model's own (same segments and maps); bad values are refused."""
+    from mixreorg.nn.supervised import SupervisedSegmenter
+
+    cfg = tiny_config(tmp_path / "aux", **{"model.name": "supervised", "model.supervised_aux": 0.5})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert isinstance(model, SupervisedSegmenter) and model.aux_weight == 0.5
+    images = torch.randn(4, 3, 32, 32)
+    out, patches = model._encode_with_patches(images)
+    ref = model.encode_image(images, return_maps=True)
+    torch.testing.assert_close(out["seg_embed"], ref["seg_embed"])
+    torch.testing.assert_close(out["soft_maps"][0], ref["soft_maps"][0])
+    assert patches.shape == (4, 16, model.groupvit.vision.width)
+    masks = torch.randint(0, len(model.class_names), (4, 32, 32))
+    logits, aux_logits = model.pixel_logits(images, with_aux=True)
+    assert aux_logits.shape == logits.shape == (4, len(model.class_names), 32, 32)
+    losses = model.training_losses({"images": images, "masks": masks})
+    expect = torch.nn.functional.cross_entropy(logits, masks) + 0.5 * torch.nn.functional.cross_entropy(aux_logits, masks)
+    torch.testing.assert_close(losses["loss"], expect)
+    # the auxiliary term alone trains the first stage's blocks (and not the grouping)
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(aux_logits, masks).backward()
+    enc = model.groupvit.vision
+    assert enc.stages[0].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert enc.stages[0].downsample.assign.q.weight.grad is None
+    with pytest.raises(ValueError, match="aux_weight"):
+        SupervisedSegmenter(model.groupvit, model.class_names, head="patches", aux_weight=1.0)
+    with pytest.raises(ValueError, match="supervised_aux"):
+        tiny_config(tmp_path / "bad", **{"model.supervised_aux": -1.0})
+
+
 def test_runs_with_deit_augmentation_are_reproducible_across_processes(tmp_path: Path) -> None:
     """Two real processes with the same seeds and ``data.augment=deit`` end with the same weights (the
     augmentation draw was seeded by Python's per-process salted ``hash`` before), for GroupViT and

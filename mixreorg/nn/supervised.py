@@ -89,7 +89,7 @@ class SupervisedSegmenter(nn.Module):
 
     def __init__(
         self, groupvit: GroupViT, class_names: Sequence[str], ignore_index: int = 255, head: str = "groups",
-        maps: str = "soft",
+        maps: str = "soft", aux_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if len(set(class_names)) != len(class_names) or not class_names:
@@ -98,6 +98,9 @@ class SupervisedSegmenter(nn.Module):
             raise ValueError(f"head must be one of {SUPERVISED_HEADS}, got {head!r}")
         if maps not in SUPERVISED_MAPS:
             raise ValueError(f"maps must be one of {SUPERVISED_MAPS}, got {maps!r}")
+        if aux_weight < 0 or (aux_weight > 0 and head != "groups"):
+            raise ValueError(f"aux_weight must be >= 0 and needs head='groups', got {aux_weight} with head={head!r}")
+        self.aux_weight = float(aux_weight)
         self.head = head
         self.maps = maps
         self.groupvit = groupvit
@@ -156,12 +159,41 @@ class SupervisedSegmenter(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"groupvit.vision.{n}" for n in self.groupvit.vision.no_weight_decay()} | {"class_embed"}
 
-    def pixel_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """``images [B, 3, H, W] -> logits [B, K, H, W]`` through the composed soft maps."""
-        out = self.encode_image(images, return_maps=True)
+    def _encode_with_patches(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """:meth:`GroupViT.encode_image` (with maps) and the first stage's patch tokens ``[B, L, C]``
+        (after its blocks, before the grouping), for the auxiliary per-patch loss."""
+        gv = self.groupvit
+        enc = gv.vision
+        grid = enc.patch_embed.grid_for(images)
+        x, skip = enc.embed_with_skip(images)  # [B, L, C]
+        g = enc.stages[0].init_group_tokens(x.shape[0])
+        x, g = enc.stages[0].forward_blocks(x, g)
+        vout = enc.forward_from_stage_output(0, x, g, return_maps=True, grid=grid, skip=skip)
+        return gv.project_image(gv.pool(vout), with_seg=True), x
+
+    def patch_logits(self, patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """Stage-1 patch tokens ``[B, L, C]`` -> per-pixel logits ``[B, K, H, W]`` through the image head."""
+        gv = self.groupvit
+        emb = F.normalize(gv.image_proj(gv.vision.norm(patches)), dim=-1)  # [B, L, D]
+        logits = gv.scale() * emb @ self.class_embeddings().t()  # [B, L, K]
+        b, _, k = logits.shape
+        logits = logits.transpose(1, 2).reshape(b, k, *grid)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def pixel_logits(self, images: torch.Tensor, with_aux: bool = False):
+        """``images [B, 3, H, W] -> logits [B, K, H, W]`` through the composed soft maps (and, with
+        ``with_aux``, the auxiliary per-patch logits ``[B, K, H, W]``)."""
+        size = tuple(images.shape[-2:])
+        if with_aux:
+            out, patches = self._encode_with_patches(images)
+        else:
+            out = self.encode_image(images, return_maps=True)
         if self.maps == "hard" and self.training:
             out = {**out, "soft_maps": out["hard_maps"]}  # straight-through one-hot: the argmax group's logits
-        return self.groupvit.segmentation_logits_from(out, self.class_embeddings(), tuple(images.shape[-2:]))
+        logits = self.groupvit.segmentation_logits_from(out, self.class_embeddings(), size)
+        if not with_aux:
+            return logits
+        return logits, self.patch_logits(patches, self.groupvit.vision.patch_embed.grid_for(images), size)
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         masks = batch.get("masks")
@@ -169,13 +201,24 @@ class SupervisedSegmenter(nn.Module):
             raise ValueError(
                 "the supervised upper bound needs per-pixel labels: batch['masks'] (the SynthShapes stream has them)"
             )
-        logits = self.pixel_logits(batch["images"])  # [B, K, H, W]
-        masks = masks.to(logits.device).long()
+        masks = masks.to(batch["images"].device).long()
+        aux = None
+        if self.aux_weight > 0:
+            logits, aux_logits = self.pixel_logits(batch["images"], with_aux=True)  # [B, K, H, W] x2
+            aux = F.cross_entropy(aux_logits.float(), masks, ignore_index=self.ignore_index)
+        else:
+            logits = self.pixel_logits(batch["images"])  # [B, K, H, W]
         loss = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index)
+        seg_loss = loss
+        if aux is not None:
+            loss = loss + self.aux_weight * aux
         with torch.no_grad():
             valid = masks != self.ignore_index
             acc = (logits.argmax(1) == masks)[valid].float().mean()
-        return {"loss": loss, "pixel_acc": float(acc), "scale": float(self.scale().detach())}
+        out = {"loss": loss, "pixel_acc": float(acc), "scale": float(self.scale().detach())}
+        if aux is not None:
+            out.update(seg_loss=float(seg_loss.detach()), aux_loss=float(aux.detach()))
+        return out
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.training_losses(batch)

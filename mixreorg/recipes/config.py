@@ -100,6 +100,8 @@ class ModelConfig:
     supervised_maps: ``--model supervised`` only: the assignment maps the per-pixel loss reads,
         ``"soft"`` (the softmax maps) or ``"hard"`` (straight-through one-hot: in the forward pass every
         pixel gets its argmax group's logits, as zero-shot inference labels it).
+    supervised_aux: ``--model supervised`` only: weight of an auxiliary per-patch cross-entropy on the
+        first stage's patch tokens (through the same image head and class embeddings; 0: none).
     """
 
     name: str = "groupvit"
@@ -114,6 +116,7 @@ class ModelConfig:
     use_checkpoint: bool = False
     supervised_head: str = "groups"
     supervised_maps: str = "soft"
+    supervised_aux: float = 0.0
 
 
 @dataclass
@@ -266,6 +269,8 @@ class PretrainConfig:
             problems.append(f"model.supervised_head must be groups|patches, got {self.model.supervised_head!r}")
         if self.model.supervised_maps not in ("soft", "hard"):
             problems.append(f"model.supervised_maps must be soft|hard, got {self.model.supervised_maps!r}")
+        if not self.model.supervised_aux >= 0:
+            problems.append(f"model.supervised_aux must be >= 0, got {self.model.supervised_aux!r}")
         if self.objective.multi_label_pool not in ("image", "max_segment"):
             problems.append(
                 f"objective.multi_label_pool must be image|max_segment, got {self.objective.multi_label_pool!r}"
