@@ -87,9 +87,9 @@ def _wide_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 # index_select copies each row with one memcpy, and glibc's memcpy is at its slowest between
-# 1 and 2 KiB (its unrolled vector loop; above 2 KiB ``rep movsb`` takes over): a fp32 ViT-S row
-# (1536 B) gathers ~1.6x faster as three 512 B pieces on the dev machine, while 768 B and 3 KiB
-# rows gain nothing from splitting.
+# 1 and 2 KiB (its unrolled vector loop; above 2 KiB ``rep movsb`` takes over): on the dev machine
+# a fp32 ViT-S row (1536 B) gathers up to ~1.6x faster as three 512 B pieces when memory is quiet
+# (no gain once other jobs saturate it), while 768 B and 3 KiB rows gain nothing from splitting.
 _SPLIT_ROW_BYTES = (1024, 2048)  # (exclusive, inclusive)
 _SPLIT_PIECE_BYTES = (128, 512)  # smaller pieces lose more to the per-memcpy cost than they gain
 
