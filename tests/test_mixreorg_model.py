@@ -53,6 +53,39 @@ def test_branches_shapes_and_plan_labels_are_the_seg_targets():
     assert set(losses) >= {"loss", "seg/loss", "seg/acc", "original/loss", "restored/loss"}
 
 
+def test_patch_level_seg_loss_classifies_every_mixed_patch_token():
+    """``patch_seg_weight``: L_seg over the mixed branch's patch tokens through the image head, each token
+    its own segment (``assign=None`` equals identity maps, without materialising them); the total gains
+    exactly that term; asked for without the patch embeddings or with a bad weight, it says so."""
+    m = tiny()
+    images, ids = batch()
+    plan = MixPlan.create(8, 16, 4, grid=(4, 4), seed=1)
+    torch.manual_seed(0)
+    out = m(images, ids, plan=plan, patch_embed=True)
+    pe = out["mixed_patch_embed"]
+    assert pe.shape == (8, 16, 16)
+    torch.testing.assert_close(pe.norm(dim=-1), torch.ones(8, 16))
+    gv = m.groupvit
+    expect = torch.nn.functional.normalize(gv.image_proj(gv.vision.norm(out["stage1"]["mixed"])), dim=-1)
+    torch.testing.assert_close(pe, expect)
+    seg = MixReorgLoss().seg
+    eye = torch.eye(16).expand(8, 16, 16)
+    a, b = seg(None, pe, out["text_embed"], plan, 7.0), seg(eye, pe, out["text_embed"], plan, 7.0)
+    torch.testing.assert_close(a["logits"], b["logits"])
+    torch.testing.assert_close(a["loss"], b["loss"])
+    base = MixReorgLoss(_no_prompts())(out)
+    withp = MixReorgLoss(_no_prompts(), patch_seg_weight=0.5)(out)
+    by_scale = seg(None, pe, out["text_embed"], plan, m.scale())["loss"]  # the loss reads the model's scale
+    torch.testing.assert_close(withp["patch_seg/loss"], by_scale)
+    torch.testing.assert_close(withp["loss"], base["loss"] + 0.5 * by_scale)
+    assert "patch_seg/loss" not in base
+    assert "mixed_patch_embed" not in m(images, ids, plan=plan)
+    with pytest.raises(ValueError, match="patch_embed=True"):
+        MixReorgLoss(_no_prompts(), patch_seg_weight=1.0)(m(images, ids, plan=plan))
+    with pytest.raises(ValueError, match="patch_seg_weight"):
+        MixReorgLoss(patch_seg_weight=-1.0)
+
+
 def test_restored_stage1_tokens_are_in_the_original_layout():
     """With stage-1 blocks that act on each token alone (attention output zeroed) and no progressive
     mixing, the mixed branch computes the same per-token function on permuted tokens, so restoring it

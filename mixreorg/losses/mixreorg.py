@@ -41,12 +41,19 @@ class MixedSegmentationLoss(nn.Module):
 
     ``caption_keys [B]`` (optional) merges identical captions inside a group into one class (the
     duplicate columns are masked and targets point at the first copy).
+
+    ``assign=None``: every token is its own segment (``seg_embed [B, L, D]``, e.g. the mixed branch's
+    patch tokens through the image head: the loss at the patch level, before any grouping).
     """
 
-    def forward(self, assign: torch.Tensor, seg_embed: torch.Tensor, text_embed: torch.Tensor, plan: MixPlan,
-                scale: torch.Tensor | float, caption_keys: torch.Tensor | None = None,
+    def forward(self, assign: torch.Tensor | None, seg_embed: torch.Tensor, text_embed: torch.Tensor,
+                plan: MixPlan, scale: torch.Tensor | float, caption_keys: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> dict:
-        B, S, L = assign.shape
+        if assign is None:  # identity maps, without materialising the [B, L, L] eye
+            B, L = seg_embed.shape[:2]
+            S = L
+        else:
+            B, S, L = assign.shape
         G = plan.group_size
         labels = plan.labels if labels is None else labels  # [B, L]: fine-grid labels of a fine-grouping model
         if seg_embed.shape[:2] != (B, S) or text_embed.shape[0] != B or labels.shape != (B, L):
@@ -58,7 +65,10 @@ class MixedSegmentationLoss(nn.Module):
         nG, D = B // G, text_embed.shape[-1]
         text = text_embed.view(nG, G, D)
         sim = torch.einsum("ngsd,njd->ngsj", seg_embed.view(nG, G, S, D), text.to(seg_embed.dtype))  # [nG, G, S, G]
-        logits = torch.einsum("ngsl,ngsj->nglj", assign.view(nG, G, S, L).to(sim.dtype), sim)  # [nG, G, L, G]
+        if assign is None:
+            logits = sim  # [nG, G, L, G]
+        else:
+            logits = torch.einsum("ngsl,ngsj->nglj", assign.view(nG, G, S, L).to(sim.dtype), sim)  # [nG, G, L, G]
         logits = logits * scale
         target = labels.view(nG, G, L)
         if caption_keys is not None:
@@ -83,15 +93,22 @@ class MixReorgLoss(nn.Module):
         seg_weight, original_weight, restored_weight: loss weights (paper: 1, 1, 1); a weight
             of 0 switches that term off (the ablations of Table 6).
         merge_duplicate_captions: treat identical captions inside a group as one class in L_seg.
+        patch_seg_weight: weight of L_seg at the PATCH level [R]: every mixed patch token (stage 1's
+            output, through the final norm and the image head: ``out["mixed_patch_embed"]``, which
+            ``MixReorg.forward(..., patch_embed=True)`` returns) classified against its group's
+            captions, before any grouping (deep supervision; 0: off, the paper).
     """
 
     def __init__(self, contrastive: nn.Module | Callable | None = None, seg_weight: float = 1.0,
                  original_weight: float = 1.0, restored_weight: float = 1.0,
-                 merge_duplicate_captions: bool = True) -> None:
+                 merge_duplicate_captions: bool = True, patch_seg_weight: float = 0.0) -> None:
         super().__init__()
+        if not patch_seg_weight >= 0:
+            raise ValueError(f"patch_seg_weight must be >= 0, got {patch_seg_weight!r}")
         self.contrastive = contrastive if contrastive is not None else ContrastiveObjective()
         self.seg = MixedSegmentationLoss()
         self.seg_weight, self.original_weight, self.restored_weight = seg_weight, original_weight, restored_weight
+        self.patch_seg_weight = float(patch_seg_weight)
         self.merge_duplicate_captions = merge_duplicate_captions
 
     def forward(self, out: dict, caption_keys: torch.Tensor | None = None, **contrastive_kwargs) -> dict:
@@ -113,5 +130,15 @@ class MixReorgLoss(nn.Module):
             total = total + self.seg_weight * seg["loss"]
         logs["seg/loss"] = seg["loss"]
         logs["seg/acc"] = seg["acc"]  # mixed-patch accuracy (chance: 1/G)
+        if self.patch_seg_weight:
+            patches = out.get("mixed_patch_embed")
+            if patches is None:
+                raise ValueError("patch_seg_weight > 0 needs out['mixed_patch_embed']: call MixReorg.forward(..., "
+                                 "patch_embed=True)")
+            ps = self.seg(None, patches, out["text_embed"], out["plan"], scale,
+                          caption_keys if self.merge_duplicate_captions else None)
+            total = total + self.patch_seg_weight * ps["loss"]
+            logs["patch_seg/loss"] = ps["loss"]
+            logs["patch_seg/acc"] = ps["acc"]
         logs["loss"] = total
         return logs

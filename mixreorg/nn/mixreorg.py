@@ -28,6 +28,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
@@ -273,7 +274,8 @@ class MixReorg(nn.Module):
         return branches
 
     def forward(self, images: torch.Tensor, token_ids: torch.Tensor, prompt_ids: torch.Tensor | None = None,
-                plan: MixPlan | None = None, generator: torch.Generator | None = None) -> dict:
+                plan: MixPlan | None = None, generator: torch.Generator | None = None,
+                patch_embed: bool = False) -> dict:
         """Training forward: the three branches plus text embeddings.
 
         Returns the :meth:`forward_branches` dict with ``text_embed [B, D]``, ``prompt_embed
@@ -281,9 +283,16 @@ class MixReorg(nn.Module):
         ``mixed_assign [B, S_final, N_0]``: the composed assignment of the mixed branch (token ->
         final segment; hard straight-through or soft, ``config.seg_maps``), and ``mixed_labels
         [B, N_0]``, the source of each of those tokens (:meth:`mixed_labels`): what the mixed
-        segmentation loss uses. ``N_0 = L`` unless the encoder groups a finer grid.
+        segmentation loss uses. ``N_0 = L`` unless the encoder groups a finer grid. With
+        ``patch_embed``, also ``mixed_patch_embed [B, L, D]``: the mixed branch's stage-1 patch tokens
+        through the final norm and the image head, normalised (the patch-level L_seg reads them; only
+        on request, since a head with BatchNorm would update its statistics with them).
         """
         out = self.forward_branches(images, plan, generator)
+        if patch_embed:
+            gv = self.groupvit
+            x_m = out["stage1"]["mixed"]  # [B, L, C]
+            out["mixed_patch_embed"] = F.normalize(gv.image_proj(gv.vision.norm(x_m)), dim=-1)  # [B, L, D]
         # two text passes, as the GroupViT trainer: captions and prompts may have other lengths
         out["text_embed"] = self.encode_text(token_ids)  # [B, D]
         out["prompt_embed"] = self.encode_text(prompt_ids) if prompt_ids is not None else None  # [B, K, D]

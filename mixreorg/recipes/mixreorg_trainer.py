@@ -28,14 +28,16 @@ class MixReorgPretrainer(nn.Module):
         model: the :class:`MixReorg` model.
         objective: the image-text objective shared by every compared model.
         seg_weight, restored_weight: loss weights (0 switches a term off: Table 6 rows).
+        patch_seg_weight: weight of L_seg at the patch level (:class:`~mixreorg.losses.MixReorgLoss`).
     """
 
     def __init__(self, model: MixReorg, objective: nn.Module, seg_weight: float = 1.0,
-                 restored_weight: float = 1.0) -> None:
+                 restored_weight: float = 1.0, patch_seg_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
-        self.loss = MixReorgLoss(objective, seg_weight=seg_weight, restored_weight=restored_weight)
+        self.loss = MixReorgLoss(objective, seg_weight=seg_weight, restored_weight=restored_weight,
+                                 patch_seg_weight=patch_seg_weight)
 
     def inference_model(self) -> nn.Module:
         """GroupViT+ with the trained weights: the original branch alone (same cost as GroupViT),
@@ -61,7 +63,8 @@ class MixReorgPretrainer(nn.Module):
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         images, text = batch["images"], batch["text"]
         prompts = batch.get("prompts") if getattr(self.objective, "multi_label_weight", 1.0) else None
-        out = self.model(images, text, prompt_ids=prompts, plan=batch.get("plan"))
+        out = self.model(images, text, prompt_ids=prompts, plan=batch.get("plan"),
+                         patch_embed=self.loss.patch_seg_weight > 0)
         keys = batch.get("caption_keys")
         if keys is None:
             captions = batch.get("captions")
@@ -76,7 +79,7 @@ class MixReorgPretrainer(nn.Module):
 def build_mixreorg_trainer(cfg) -> MixReorgPretrainer:
     """``--model mixreorg``: the recipe's GroupViT backbone and shared objective, MixReorg switches
     from ``cfg.model.mixreorg`` (:class:`MixReorgConfig` fields plus ``seg_weight`` /
-    ``restored_weight``); every branch pools as ``cfg.model.image_pool`` says (the backbone's)."""
+    ``restored_weight`` / ``patch_seg_weight``); every branch pools as ``cfg.model.image_pool`` says (the backbone's)."""
     opts = dict(cfg.model.mixreorg)
-    weights = {k: opts.pop(k) for k in ("seg_weight", "restored_weight") if k in opts}
+    weights = {k: opts.pop(k) for k in ("seg_weight", "restored_weight", "patch_seg_weight") if k in opts}
     return MixReorgPretrainer(MixReorg(build_groupvit(cfg), opts), build_objective(cfg), **weights)
