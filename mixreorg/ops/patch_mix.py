@@ -12,8 +12,9 @@ never a scatter-add, never atomics.
 Two implementations, bit-identical (data movement only; ``mix_add`` adds in the input dtype,
 which equals an fp32 add rounded once):
 
-* ``torch``: ``index_select`` over the flattened ``[B * L, C]`` rows, as wide integer words, into
-  an output that asks for huge pages when it is large (``utils.empty_output``).
+* ``torch``: ``index_select`` over the flattened ``[B * L, C]`` rows, as wide integer words (1-2 KiB
+  rows as 128-512 B pieces), into an output that asks for huge pages when it is large
+  (``utils.empty_output``).
 * ``triton``: one fused kernel reading strided inputs directly (no ``.contiguous()`` copies) and,
   for ``mix_add``, reading ``y`` and ``x`` once and writing once.
 
@@ -87,7 +88,7 @@ def _wide_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 # index_select copies each row with one memcpy, and glibc's memcpy is at its slowest between
-# 1 and 2 KiB (its unrolled vector loop; above 2 KiB ``rep movsb`` takes over): on the dev machine
+# 1 and 2 KiB (measured; presumably its unrolled vector loop, ``rep movsb`` above): on the dev machine
 # a fp32 ViT-S row (1536 B) gathers up to ~1.6x faster as three 512 B pieces when memory is quiet
 # (no gain once other jobs saturate it), while 768 B and 3 KiB rows gain nothing from splitting.
 _SPLIT_ROW_BYTES = (1024, 2048)  # (exclusive, inclusive)
