@@ -54,7 +54,8 @@ def test_every_dict_field_is_checked() -> None:
     )
     msg = _message(cfg)
     text_valid = sorted(n for n in inspect.signature(TextEncoder.__init__).parameters if n != "self")
-    mix_valid = sorted([f.name for f in dataclasses.fields(MixReorgConfig)] + ["seg_weight", "restored_weight", "patch_seg_weight"])
+    weights = ["seg_weight", "restored_weight", "patch_seg_weight"]
+    mix_valid = sorted([f.name for f in dataclasses.fields(MixReorgConfig)] + weights)
     assert f"unknown key(s) in model.text: ['widht']; valid: {text_valid}" in msg
     assert f"unknown key(s) in model.mixreorg: ['group_sise']; valid: {mix_valid}" in msg
     assert "unknown key(s) in data.synth: ['caption_colors']; valid: ['caption_colours'," in msg

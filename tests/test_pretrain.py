@@ -530,7 +530,8 @@ def test_supervised_aux_loss_reads_the_first_stage_patches(tmp_path: Path) -> No
     logits, aux_logits = model.pixel_logits(images, with_aux=True)
     assert aux_logits.shape == logits.shape == (4, len(model.class_names), 32, 32)
     losses = model.training_losses({"images": images, "masks": masks})
-    expect = torch.nn.functional.cross_entropy(logits, masks) + 0.5 * torch.nn.functional.cross_entropy(aux_logits, masks)
+    ce = torch.nn.functional.cross_entropy
+    expect = ce(logits, masks) + 0.5 * ce(aux_logits, masks)
     torch.testing.assert_close(losses["loss"], expect)
     # the auxiliary term alone trains the first stage's blocks (and not the grouping)
     model.zero_grad()

@@ -79,7 +79,8 @@ class MixReorgPretrainer(nn.Module):
 def build_mixreorg_trainer(cfg) -> MixReorgPretrainer:
     """``--model mixreorg``: the recipe's GroupViT backbone and shared objective, MixReorg switches
     from ``cfg.model.mixreorg`` (:class:`MixReorgConfig` fields plus ``seg_weight`` /
-    ``restored_weight`` / ``patch_seg_weight``); every branch pools as ``cfg.model.image_pool`` says (the backbone's)."""
+    ``restored_weight`` / ``patch_seg_weight``); every branch pools as ``cfg.model.image_pool`` says
+    (the backbone's)."""
     opts = dict(cfg.model.mixreorg)
     weights = {k: opts.pop(k) for k in ("seg_weight", "restored_weight", "patch_seg_weight") if k in opts}
     return MixReorgPretrainer(MixReorg(build_groupvit(cfg), opts), build_objective(cfg), **weights)
