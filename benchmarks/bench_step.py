@@ -1,0 +1,171 @@
+"""The tiny recipe's train step, side by side in one run, every case timed ALTERNATELY (slow drifts of
+the machine's load hit all alike; best of the rounds after a warm-up round):
+
+* our GroupViT vs ``transformers.GroupViTModel`` on the same config and weights (the tiny preset's
+  towers with HF's two-layer heads and mean pooling, the forms HF can express), same CLIP loss;
+* the recipe's trainer models (GroupViT and MixReorg with the tiny preset's objective, real batches
+  of the recipe's data path): eager (token rows trimmed, as the loop does by default), eager on rows
+  padded to the context, ``torch.compile`` (Inductor; padded rows, as ``train.compile`` runs it),
+  and, where the CPU has native bf16, eager under CPU bf16 autocast (``train.cpu_bf16``);
+* ``data.prefetch``: steps/s of the whole training loop (``train()``) with and without the thread.
+
+    python -m pytest benchmarks/bench_step.py -s
+
+The compiled cases' first call (Dynamo + AOTAutograd + Inductor's C++ build) is printed apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _report import RESULTS
+
+from mixreorg.nn import GroupViT
+from mixreorg.nn.weights import config_to_hf, ours_to_hf
+from mixreorg.recipes.config import apply_overrides, get_preset
+from mixreorg.recipes.data import BatchBuilder, build_stream
+from mixreorg.recipes.models import build_model
+from mixreorg.recipes.train import cpu_bf16_support, train
+
+ROUNDS = 6  # round 0 warms up (and compiles)
+
+
+def _recipe(preset: str):
+    cfg = get_preset(preset)
+    apply_overrides(cfg, {"train.threads": 0})
+    return cfg.validate()
+
+
+def _batches(cfg, fixed_length: bool, n: int) -> list[dict]:
+    stream = build_stream(cfg, cfg.train.batch_size, rank=0, world=1)
+    builder = BatchBuilder(cfg, cfg.model.text["context_length"], fixed_length=fixed_length)
+    it = iter(stream)
+    return [builder(next(it), step) for step in range(n)]
+
+
+class _TrainerCase:
+    """One trainer model with its optimiser, stepping through its own copy of the batches."""
+
+    def __init__(self, cfg, batches: list[dict], compiled: bool = False, bf16: bool = False) -> None:
+        torch.manual_seed(0)
+        self.model = build_model(cfg).train()
+        self.forward = torch.compile(self.model) if compiled else self.model
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.batches, self.i, self.bf16 = batches, 0, bf16
+
+    def __call__(self) -> None:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        prepare = getattr(self.model, "prepare_batch", None)
+        batch = prepare(batch) if prepare is not None else batch
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = self.forward(batch)["loss"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def _clip_loss(img: torch.Tensor, txt: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    logits = log_scale.exp().clamp(max=100) * img @ txt.t()
+    labels = torch.arange(img.shape[0])
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def _hf_pair(cfg):
+    """Our GroupViT and HF's GroupViTModel holding the same weights (the tiny preset's towers)."""
+    from transformers import GroupViTConfig, GroupViTModel
+
+    kwargs = dict(vision={**cfg.model.vision, "img_size": cfg.data.image_size}, text=dict(cfg.model.text),
+                  proj_dim=cfg.model.proj_dim, proj_hidden=cfg.model.proj_hidden, proj_layers=2)
+    torch.manual_seed(0)
+    ours = GroupViT(**kwargs).train()
+    hf = GroupViTModel(GroupViTConfig(**config_to_hf(kwargs))).train()
+    hf.load_state_dict(ours_to_hf(ours), strict=True)
+    return ours, hf
+
+
+def _model_step(net, hf: bool, batch: dict, opt) -> None:
+    images, ids = batch["images"], batch["text"]
+    if hf:
+        out = net(input_ids=ids, pixel_values=images)
+        loss = _clip_loss(out.image_embeds, out.text_embeds, net.logit_scale)
+    else:
+        out = net(images, ids)
+        loss = _clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _cases() -> dict[tuple[str, str], object]:
+    gv_cfg, mr_cfg = _recipe("tiny"), _recipe("tiny_mixreorg")
+    trimmed, padded = _batches(gv_cfg, False, 4), _batches(gv_cfg, True, 4)
+    ours, hf = _hf_pair(gv_cfg)
+    opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4), "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4)}
+    gv, mr = "GroupViT tiny recipe step", "MixReorg tiny recipe step"
+    cases = {
+        ("GroupViT model step (CLIP loss)", "ours"): lambda: _model_step(ours, False, padded[0], opts["ours"]),
+        ("GroupViT model step (CLIP loss)", "transformers"): lambda: _model_step(hf, True, padded[0], opts["hf"]),
+        (gv, "eager"): _TrainerCase(gv_cfg, trimmed),
+        (gv, "eager, padded"): _TrainerCase(gv_cfg, padded),
+        (gv, "compiled"): _TrainerCase(gv_cfg, padded, compiled=True),
+        (mr, "eager"): _TrainerCase(mr_cfg, _batches(mr_cfg, False, 4)),
+        (mr, "compiled"): _TrainerCase(mr_cfg, _batches(mr_cfg, True, 4), compiled=True),
+    }
+    if cpu_bf16_support()[0]:
+        cases[(gv, "eager bf16")] = _TrainerCase(gv_cfg, trimmed, bf16=True)
+    return cases
+
+
+def test_train_steps_side_by_side(capsys):
+    cases = _cases()
+    best = {key: math.inf for key in cases}
+    first: dict[tuple[str, str], float] = {}
+    keys = list(cases)
+    for r in range(ROUNDS):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            t = time.perf_counter()
+            cases[key]()
+            dt = time.perf_counter() - t
+            if r == 0:
+                first[key] = dt
+            else:
+                best[key] = min(best[key], dt)
+    baselines = {"GroupViT model step (CLIP loss)": "transformers"}
+    batch = get_preset("tiny").train.batch_size
+    with capsys.disabled():
+        print(f"\ntrain steps, B={batch}, {torch.get_num_threads()} threads, best of {ROUNDS - 1} interleaved rounds")
+        print(f"{'case':<34} {'impl':<14} {'ms/step':>9} {'steps/s':>8} {'vs baseline':>12} {'1st call s':>11}")
+        for (case, impl), t in best.items():
+            baseline = baselines.get(case, "eager")
+            RESULTS.append(dict(case=case, impl=impl, mean=t, bytes=0, baseline=baseline))
+            print(f"{case:<34} {impl:<14} {t * 1e3:>9.0f} {1 / t:>8.2f} {best[(case, baseline)] / t:>11.2f}x "
+                  f"{first[(case, impl)]:>11.1f}")
+        ratio = best[("MixReorg tiny recipe step", "eager")] / best[("GroupViT tiny recipe step", "eager")]
+        print(f"MixReorg / GroupViT eager step: {ratio:.2f}x")
+    assert all(math.isfinite(t) and t > 0 for t in best.values())
+
+
+def test_prefetch_steps_per_second(tmp_path: Path, capsys):
+    """The whole loop (``train()``, tiny preset, no eval), runs with and without the prefetch thread
+    alternately; steps/s over the loop's training time, best of the runs."""
+    steps, runs = 8, 3
+    best = {0: 0.0, 2: 0.0}
+    for r in range(runs):
+        for prefetch in (0, 2) if r % 2 == 0 else (2, 0):
+            cfg = _recipe("tiny")
+            apply_overrides(cfg, {"train.steps": steps, "train.time_limit": 0, "train.save_every": 0,
+                                  "optim.warmup_steps": 2, "data.prefetch": prefetch,
+                                  "train.out_dir": str(tmp_path / f"r{r}_p{prefetch}")})
+            summary = train(cfg, resume=False, evaluate_at_end=False, quiet=True)
+            best[prefetch] = max(best[prefetch], steps / summary["train_time_s"])
+    with capsys.disabled():
+        print(f"\ntrain() loop, tiny preset, {steps} steps, {torch.get_num_threads()} threads, best of {runs}: "
+              f"prefetch 0: {best[0]:.2f} steps/s, prefetch 2: {best[2]:.2f} steps/s ({best[2] / best[0]:.2f}x)")
+    assert best[0] > 0 and best[2] > 0
