@@ -121,8 +121,9 @@ def _without_numpy(rng: dict[str, Any]) -> dict[str, Any]:
 
 def _training_part(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Everything of a checkpoint but what differs between two processes by design: the run folder,
-    the prefetch switch, the seconds spent, and numpy's global RNG state (the trainer seeds ``random`` and ``torch``, not
-    numpy, whose global state nothing in training draws from: each process starts it from OS entropy)."""
+    the prefetch switch, the seconds spent, and numpy's global RNG state (the trainer seeds
+    ``random`` and ``torch``, not numpy, whose global state nothing in training draws from: each
+    process starts it from OS entropy)."""
     extra = dict(ckpt.get("extra") or {})
     extra.pop("elapsed_s", None)
     if "rng_ranks" in extra:
