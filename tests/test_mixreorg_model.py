@@ -86,6 +86,43 @@ def test_patch_level_seg_loss_classifies_every_mixed_patch_token():
         MixReorgLoss(patch_seg_weight=-1.0)
 
 
+def test_shared_mixed_group_tokens_make_an_unmixed_mixed_branch_the_original():
+    """``mixed_group_tokens="shared"``: the mixed branch starts from the original's group tokens (no
+    parameter of its own), so with the identity plan and no progressive mixing it IS the original
+    branch; with the paper's own copy it is not; a bad value is refused."""
+    images, ids = batch()
+    identity = MixPlan.from_permutation(torch.arange(4).expand(2, 16, 4), grid=(4, 4))
+    shared = tiny(progressive=0, mixed_group_tokens="shared").eval()
+    assert shared.mixed_group_token is None and "mixed_group_token" not in shared.no_weight_decay()
+    out = shared.forward_branches(images, identity)
+    torch.testing.assert_close(out["mixed"]["seg_embed"], out["original"]["seg_embed"])
+    own = tiny(progressive=0).eval()
+    mine = own.forward_branches(images, identity)
+    assert not torch.allclose(mine["mixed"]["seg_embed"], mine["original"]["seg_embed"])
+    with pytest.raises(ValueError, match="mixed_group_tokens"):
+        tiny(mixed_group_tokens="both")
+
+
+def test_max_segment_prompt_loss_reads_each_branchs_own_segments():
+    """An objective with ``multi_label_pool="max_segment"`` scores each branch's prompts by that
+    branch's best segment (MixReorgLoss hands it the branch's ``seg_embed``)."""
+    m = tiny()
+    images, ids = batch()
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(1, 500, (8, 2, 12), generator=g)
+    prompts[..., 0], prompts[..., -1] = 49406, 49407
+    out = m(images, ids, prompt_ids=prompts, plan=MixPlan.create(8, 16, 4, grid=(4, 4), seed=1))
+    obj = ContrastiveObjective(multi_label_pool="max_segment")
+    logs = MixReorgLoss(obj)(out)
+    kw = dict(prompt_embed=out["prompt_embed"], logit_scale=out["logit_scale"],
+              multi_label_scale=out["multi_label_logit_scale"])
+    for name in ("original", "restored"):
+        ref = obj(out[name]["image_embed"], out["text_embed"], seg_embed=out[name]["seg_embed"], **kw)
+        torch.testing.assert_close(logs[f"{name}/ml"], ref["ml"])
+    other = obj(out["original"]["image_embed"], out["text_embed"], seg_embed=out["mixed"]["seg_embed"], **kw)
+    assert not torch.allclose(logs["original/ml"], other["ml"])
+
+
 def test_restored_stage1_tokens_are_in_the_original_layout():
     """With stage-1 blocks that act on each token alone (attention output zeroed) and no progressive
     mixing, the mixed branch computes the same per-token function on permuted tokens, so restoring it

@@ -109,6 +109,7 @@ class MixReorgLoss(nn.Module):
         self.seg = MixedSegmentationLoss()
         self.seg_weight, self.original_weight, self.restored_weight = seg_weight, original_weight, restored_weight
         self.patch_seg_weight = float(patch_seg_weight)
+        self._reads_segments = getattr(self.contrastive, "multi_label_pool", "image") == "max_segment"
         self.merge_duplicate_captions = merge_duplicate_captions
 
     def forward(self, out: dict, caption_keys: torch.Tensor | None = None, **contrastive_kwargs) -> dict:
@@ -119,7 +120,9 @@ class MixReorgLoss(nn.Module):
         for name, w in (("original", self.original_weight), ("restored", self.restored_weight)):
             if not w:
                 continue
-            c = self.contrastive(out[name]["image_embed"], out["text_embed"], **kw)
+            # an objective that scores prompts by the best segment reads this branch's segments
+            seg = {"seg_embed": out[name]["seg_embed"]} if self._reads_segments else {}
+            c = self.contrastive(out[name]["image_embed"], out["text_embed"], **seg, **kw)
             total = total + w * c["loss"]
             logs.update({f"{name}/{k}": v for k, v in c.items()})
         max_scale = getattr(self.contrastive, "max_logit_scale", MAX_LOGIT_SCALE)

@@ -56,6 +56,10 @@ class MixReorgConfig:
         seg_maps: which composed patch -> segment map the mixed segmentation loss uses: ``"hard"``
             (straight-through one-hot, as GroupViT trains; [R]) or ``"soft"`` (the noise-free
             softmax maps, as zero-shot inference uses).
+        mixed_group_tokens: ``"own"`` (the paper: the mixed branch has its own copy of the stage-1
+            group tokens) or ``"shared"`` [R] (it starts from the original branch's, so that the
+            grouping L_seg trains -- telling apart the patches of different images -- is learned by
+            the group tokens zero-shot inference uses).
 
     Every branch pools its image vector as the backbone's ``GroupViT.image_pool`` says.
     """
@@ -66,6 +70,7 @@ class MixReorgConfig:
     progressive_mode: str = "add"
     mix_impl: str = "auto"
     seg_maps: str = "hard"
+    mixed_group_tokens: str = "own"
 
 
 class MixReorg(nn.Module):
@@ -99,6 +104,8 @@ class MixReorg(nn.Module):
             raise ValueError(f"progressive_mode must be one of {PROGRESSIVE_MODES}, got {config.progressive_mode!r}")
         if config.seg_maps not in ("hard", "soft"):
             raise ValueError(f"seg_maps must be 'hard' or 'soft', got {config.seg_maps!r}")
+        if config.mixed_group_tokens not in ("own", "shared"):
+            raise ValueError(f"mixed_group_tokens must be 'own' or 'shared', got {config.mixed_group_tokens!r}")
         if config.contextual and depth == 0:
             raise ValueError("contextual mixing copies a stage-1 block: stage 1 needs at least one block")
         self.groupvit = groupvit
@@ -110,8 +117,11 @@ class MixReorg(nn.Module):
         # one more block of exactly the stage-1 kind, freshly initialised
         self.context_block = self._fresh_block(stage.blocks[0]) if config.contextual else None
         # the mixed branch's own copy of the stage-1 group tokens
-        self.mixed_group_token = nn.Parameter(torch.empty_like(stage.group_token))
-        nn.init.trunc_normal_(self.mixed_group_token, std=0.02)
+        if config.mixed_group_tokens == "own":
+            self.mixed_group_token = nn.Parameter(torch.empty_like(stage.group_token))
+            nn.init.trunc_normal_(self.mixed_group_token, std=0.02)
+        else:  # nothing to train: DDP refuses parameters that get no gradient
+            self.register_parameter("mixed_group_token", None)
         if config.progressive_mode == "concat":
             self.fuse = nn.ModuleList(nn.Linear(2 * C, C) for _ in range(P))
             for lin in self.fuse:  # starts as x_m + mix(x_o)
@@ -158,7 +168,7 @@ class MixReorg(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         names = {f"groupvit.vision.{n}" for n in self.vision.no_weight_decay()}
-        return names | {"mixed_group_token"}
+        return names | ({"mixed_group_token"} if self.mixed_group_token is not None else set())
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.groupvit.encode_text(token_ids)
@@ -242,7 +252,10 @@ class MixReorg(nn.Module):
             plan = self.make_plan(B, grid, images.device, generator)
         with record_function("mixreorg/stage1 (original+mixed)"):
             x_m, _ = self.mixer(x_o, plan)  # [B, L, C] mixed patches
-            g_m = self.mixed_group_token.expand(B, -1, -1).to(x_m.dtype)
+            if self.config.mixed_group_tokens == "shared":
+                g_m = g_o  # the original's group tokens (after the contextual block)
+            else:
+                g_m = self.mixed_group_token.expand(B, -1, -1).to(x_m.dtype)
             for k, blk in enumerate(enc.stages[0].blocks):
                 # both branches through the shared block in one call: [2B, L + S, C]
                 h = self._run(blk, torch.cat([torch.cat([x_o, g_o], 1), torch.cat([x_m, g_m], 1)], 0))
