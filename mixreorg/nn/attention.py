@@ -4,6 +4,11 @@ Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` 
 flash / memory-efficient kernel on CUDA by itself); ``xformers`` is an optional CUDA backend
 (``backend="xformers"``, or ``"auto"`` to use it when it is installed and the tensors are on CUDA).
 
+Where a measurement showed SDPA's own kernel choice to be slow, :data:`SDPA_KERNELS` names the SDPA
+kernel to use instead, per device type and dtype (:func:`sdpa_kernel_for`); today one entry: bf16 on
+CPU runs SDPA's math kernel (see :data:`SDPA_KERNELS` for the numbers). Everything else (float32 on
+CPU, every CUDA dtype) calls SDPA exactly as before.
+
 Blocks are pre-LN (``x + attn(LN(x))``, ``x + mlp(LN(x))``) as in ViT/CLIP; :class:`CrossAttnBlock`
 is GroupViT's post-norm cross-attention block used inside the grouping block.
 """
@@ -19,6 +24,8 @@ from torch import nn
 
 __all__ = [
     "ATTN_BACKENDS",
+    "SDPA_KERNELS",
+    "sdpa_kernel_for",
     "has_xformers",
     "QuickGELU",
     "make_act",
@@ -31,6 +38,16 @@ __all__ = [
 ]
 
 ATTN_BACKENDS = ("sdpa", "xformers", "auto")
+
+# SDPA kernel per (device type, dtype) where SDPA's own choice measured slow; absent: SDPA chooses.
+# ("cpu", bf16) -> "math", measured on the tiny recipe's train step (AVX512-BF16 EPYC, one thread;
+# benchmarks/bench_step.py::test_cpu_bf16_attention_kernels, benchmarks/RESULTS.md): under bf16
+# autocast SDPA's default CPU kernel (flash, whose bf16 backward is slow) gains 0.97-1.08x over
+# float32, its math kernel (float32 softmax from bf16 inputs) 1.58-1.68x (GroupViT and MixReorg).
+# float32 with the math kernel gains nothing (0.88-1.06x), so float32 keeps SDPA's choice and its
+# bits; CUDA was not measured here and keeps SDPA's choice too. Benchmarks edit this dict to time
+# the alternatives.
+SDPA_KERNELS: dict[tuple[str, torch.dtype], str] = {("cpu", torch.bfloat16): "math"}
 
 
 @functools.cache
@@ -108,6 +125,13 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
+def sdpa_kernel_for(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The SDPA kernel :func:`_attend` uses for tensors of ``dtype`` on ``device``: ``"math"`` (SDPA's
+    math kernel) or ``"default"`` (SDPA picks, as it does when called directly). From :data:`SDPA_KERNELS`."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return SDPA_KERNELS.get((device_type, dtype), "default")
+
+
 def _check_backend(backend: str) -> str:
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTN_BACKENDS}, got {backend!r}")
@@ -126,7 +150,8 @@ def _attend(
     """Multi-head attention core on ``[B, H, N, D]`` tensors -> ``[B, H, N, D]``.
 
     Softmax scale is ``D ** -0.5``. ``backend="xformers"`` is a hard request (CUDA + xformers);
-    ``"auto"`` uses xformers only where it can run and falls back to SDPA otherwise.
+    ``"auto"`` uses xformers only where it can run and falls back to SDPA otherwise. The SDPA kernel
+    is :func:`sdpa_kernel_for` the tensors' device and dtype.
     """
     use_xf = False
     if backend != "sdpa":
@@ -147,6 +172,12 @@ def _attend(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p
         )
         return out.transpose(1, 2)
+    if q.dtype == k.dtype == v.dtype and sdpa_kernel_for(q.device, q.dtype) == "math":
+        # SDPA's math kernel called as its op, not under torch.nn.attention.sdpa_kernel: that context
+        # flips process-wide flags, which would also switch the kernels of attention running at the
+        # same time in another thread (a CUDA model, a float32 one). Same op, same bits as that context.
+        # Only on one dtype throughout: the op casts nothing, mixed inputs stay with SDPA as before.
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, dropout_p, causal)[0]
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
 
 
