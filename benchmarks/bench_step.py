@@ -7,9 +7,13 @@ the machine's load hit all alike; best of the rounds after a warm-up round):
   of the recipe's data path): eager (token rows trimmed, as the loop does by default), eager on rows
   padded to the context, ``torch.compile`` (Inductor; padded rows, as ``train.compile`` runs it),
   and, where the CPU has native bf16, eager under CPU bf16 autocast (``train.cpu_bf16``);
+* SDPA's kernel x precision (``test_cpu_bf16_attention_kernels``): both trainer models' eager step in
+  float32 and under CPU bf16 autocast, each with SDPA's default CPU kernel and with its math kernel
+  (``mixreorg.nn.attention.SDPA_KERNELS`` set per case): the measurement behind that table's choice;
 * ``data.prefetch``: steps/s of the whole training loop (``train()``) with and without the thread.
 
     python -m pytest benchmarks/bench_step.py -s
+    python -m pytest benchmarks/bench_step.py -s -k attention_kernels   # the kernel x precision table
 
 The compiled cases' first call (Dynamo + AOTAutograd + Inductor's C++ build) is printed apart.
 """
@@ -21,11 +25,12 @@ import math
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from _report import RESULTS
 
-from mixreorg.nn import GroupViT
+from mixreorg.nn import GroupViT, attention
 from mixreorg.nn.weights import config_to_hf, ours_to_hf
 from mixreorg.recipes.config import apply_overrides, get_preset
 from mixreorg.recipes.data import BatchBuilder, build_stream
@@ -51,12 +56,14 @@ def _batches(cfg, fixed_length: bool, n: int) -> list[dict]:
 class _TrainerCase:
     """One trainer model with its optimiser, stepping through its own copy of the batches."""
 
-    def __init__(self, cfg, batches: list[dict], compiled: bool = False, bf16: bool = False) -> None:
+    def __init__(self, cfg, batches: list[dict], compiled: bool = False, bf16: bool = False,
+                 sdpa_kernels: dict | None = None) -> None:
         torch.manual_seed(0)
         self.model = build_model(cfg).train()
         self.forward = torch.compile(self.model) if compiled else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.batches, self.i, self.bf16 = batches, 0, bf16
+        self.sdpa_kernels = sdpa_kernels  # None: the library's table as it is
 
     def __call__(self) -> None:
         batch = self.batches[self.i % len(self.batches)]
@@ -64,11 +71,27 @@ class _TrainerCase:
         prepare = getattr(self.model, "prepare_batch", None)
         batch = prepare(batch) if prepare is not None else batch
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with autocast:
+        with _sdpa_kernels(self.sdpa_kernels), autocast:
             loss = self.forward(batch)["loss"]
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # the forward chose the kernel; its backward follows
         self.opt.step()
+
+
+@contextlib.contextmanager
+def _sdpa_kernels(table: dict | None):
+    """``attention.SDPA_KERNELS`` replaced by ``table`` inside (``None``: left as it is)."""
+    if table is None:
+        yield
+        return
+    saved = dict(attention.SDPA_KERNELS)
+    attention.SDPA_KERNELS.clear()
+    attention.SDPA_KERNELS.update(table)
+    try:
+        yield
+    finally:
+        attention.SDPA_KERNELS.clear()
+        attention.SDPA_KERNELS.update(saved)
 
 
 def _clip_loss(img: torch.Tensor, txt: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -149,6 +172,49 @@ def test_train_steps_side_by_side(capsys):
                   f"{first[(case, impl)]:>11.1f}")
         ratio = best[("MixReorg tiny recipe step", "eager")] / best[("GroupViT tiny recipe step", "eager")]
         print(f"MixReorg / GroupViT eager step: {ratio:.2f}x")
+    assert all(math.isfinite(t) and t > 0 for t in best.values())
+
+
+def test_cpu_bf16_attention_kernels(capsys):
+    """Both trainer models' eager step: float32 / CPU bf16 autocast x SDPA's default CPU kernel / its
+    math kernel, all eight cases timed alternately; ratios to float32 with the default kernel."""
+    if not cpu_bf16_support()[0]:
+        pytest.skip(f"no native bf16 on this CPU ({cpu_bf16_support()[1]}): bf16 autocast is emulated")
+    variants = {  # name -> (bf16 autocast, SDPA_KERNELS for the case)
+        "fp32, SDPA default": (False, {}),
+        "fp32, SDPA math": (False, {("cpu", torch.float32): "math"}),
+        "bf16, SDPA default": (True, {}),
+        "bf16, SDPA math": (True, {("cpu", torch.bfloat16): "math"}),
+    }
+    cases = {}
+    for preset, model in (("tiny", "GroupViT"), ("tiny_mixreorg", "MixReorg")):
+        cfg = _recipe(preset)
+        batches = _batches(cfg, False, 4)  # trimmed rows, as the loop runs by default
+        for name, (bf16, table) in variants.items():
+            cases[(model, name)] = _TrainerCase(cfg, batches, bf16=bf16, sdpa_kernels=table)
+    best = {key: math.inf for key in cases}
+    keys = list(cases)
+    for r in range(ROUNDS):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            t = time.perf_counter()
+            cases[key]()
+            if r > 0:  # round 0 warms up
+                best[key] = min(best[key], time.perf_counter() - t)
+    library = {name: attention.sdpa_kernel_for("cpu", dtype) for name, dtype in
+               (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    with capsys.disabled():
+        print(f"\ntrain step, SDPA kernel x precision, B={get_preset('tiny').train.batch_size}, "
+              f"{torch.get_num_threads()} threads, best of {ROUNDS - 1} interleaved rounds "
+              f"(ms/step, ratio to fp32 with SDPA's default kernel)")
+        print(f"{'model':<10}" + "".join(f"{name:>22}" for name in variants))
+        for model in ("GroupViT", "MixReorg"):
+            base = best[(model, "fp32, SDPA default")]
+            cells = [f"{best[(model, n)] * 1e3:.0f} ms {base / best[(model, n)]:.2f}x" for n in variants]
+            print(f"{model:<10}" + "".join(f"{c:>22}" for c in cells))
+            for name in variants:
+                RESULTS.append(dict(case=f"{model} tiny recipe step, SDPA kernel", impl=name,
+                                    mean=best[(model, name)], bytes=0, baseline="fp32, SDPA default"))
+        print(f"library's choice (attention.SDPA_KERNELS): {library}")
     assert all(math.isfinite(t) and t > 0 for t in best.values())
 
 
