@@ -23,6 +23,7 @@ OPTIONS = {
     "patch stem (today)": {},
     "hybrid trunk": {"stem": "hybrid"},
     "hybrid + 16x16 grouping": {"stem": "hybrid", "group_patch_size": 4},
+    "cheap hybrid, 2+2 blocks": {"stem": "hybrid", "stem_depths": [1, 2, 2], "depths": [2, 2]},
 }
 
 
