@@ -7,7 +7,8 @@ The loop (:mod:`mixreorg.recipes.train`) only knows the trainer-model interface:
                                     (encode_image(images, return_maps), encode_text, logit_scale)
 
 ``batch`` = ``dict(images [B, 3, H, W], text [B, T] ids, prompts [B, K, T] ids (optional),
-text_keys list (optional), prompt_keys [B][K] (optional), label_keys [B][...] (optional))``.
+text_keys [B], prompt_keys [B, K], label_keys [B, M] int64 ids (optional; the BatchBuilder builds them
+as tensors, -1 pads label_keys; lists of hashables are accepted too), caption_keys [B] (optional))``.
 
 Registry (:data:`MODEL_BUILDERS`, extend with :func:`register_model`):
 
