@@ -162,14 +162,8 @@ class SupervisedSegmenter(nn.Module):
     def _encode_with_patches(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """:meth:`GroupViT.encode_image` (with maps) and the first stage's patch tokens ``[B, L, C]``
         (after its blocks, before the grouping), for the auxiliary per-patch loss."""
-        gv = self.groupvit
-        enc = gv.vision
-        grid = enc.patch_embed.grid_for(images)
-        x, skip = enc.embed_with_skip(images)  # [B, L, C]
-        g = enc.stages[0].init_group_tokens(x.shape[0])
-        x, g = enc.stages[0].forward_blocks(x, g)
-        vout = enc.forward_from_stage_output(0, x, g, return_maps=True, grid=grid, skip=skip)
-        return gv.project_image(gv.pool(vout), with_seg=True), x
+        out = self.groupvit.encode_image(images, return_maps=True)
+        return out, out["stage1_tokens"]
 
     def patch_logits(self, patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         """Stage-1 patch tokens ``[B, L, C]`` -> per-pixel logits ``[B, K, H, W]`` through the image head."""
@@ -217,7 +211,7 @@ class SupervisedSegmenter(nn.Module):
             acc = (logits.argmax(1) == masks)[valid].float().mean()
         out = {"loss": loss, "pixel_acc": float(acc), "scale": float(self.scale().detach())}
         if aux is not None:
-            out.update(seg_loss=float(seg_loss.detach()), aux_loss=float(aux.detach()))
+            out.update(seg_loss=seg_loss.detach(), aux_loss=aux.detach())  # the loop reads them once per log record
         return out
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:

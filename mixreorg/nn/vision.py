@@ -624,10 +624,14 @@ class GroupViTVisionEncoder(nn.Module):
 
         Returns a dict: ``tokens [B, S_final, C]`` (after the final norm), ``pooled [B, C]``,
         ``hard_maps`` / ``soft_maps`` (lists of ``[B, S_i, N_i]``, one per grouping stage, empty
-        unless ``return_maps``) and ``grid`` (the patch grid ``(H/p, W/p)``).
+        unless ``return_maps``), ``grid`` (the patch grid ``(H/p, W/p)``) and ``stage1_tokens
+        [B, L, C]`` (the first stage's patch tokens after its blocks, before any grouping: what
+        per-patch losses read; no extra compute).
         """
         grid = self.patch_embed.grid_for(images)
         x, skip = self.embed_with_skip(images)
         g = self.stages[0].init_group_tokens(x.shape[0])
         x, g = self.stages[0].forward_blocks(x, g)
-        return self.forward_from_stage_output(0, x, g, return_maps=return_maps, grid=grid, skip=skip)
+        out = self.forward_from_stage_output(0, x, g, return_maps=return_maps, grid=grid, skip=skip)
+        out["stage1_tokens"] = x
+        return out
