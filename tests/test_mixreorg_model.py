@@ -280,3 +280,33 @@ def test_tiny_mixreorg_overfits_a_fixed_batch():
     last_acc = sum(h[1] for h in history[-5:]) / 5
     assert last_loss <= 0.5 * first, (first, last_loss)
     assert last_acc >= 0.6, last_acc  # chance is 1/G = 0.25
+
+
+def test_patch_label_term_reads_each_branchs_own_stage1_patches():
+    """``patch_label_weight > 0``: each branch's prompts are also scored by that branch's best stage-1
+    patch (``MixReorg.forward(branch_patches=True)``), and the term asks for them by name."""
+    m = tiny()
+    images, ids = batch()
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(1, 500, (8, 2, 12), generator=g)
+    prompts[..., 0], prompts[..., -1] = 49406, 49407
+    plan = MixPlan.create(8, 16, 4, grid=(4, 4), seed=1)
+    out = m(images, ids, prompt_ids=prompts, plan=plan, branch_patches="stage1")
+    obj = ContrastiveObjective(patch_label_weight=1.0)
+    logs = MixReorgLoss(obj)(out)
+    kw = dict(prompt_embed=out["prompt_embed"], logit_scale=out["logit_scale"],
+              multi_label_scale=out["multi_label_logit_scale"])
+    for name in ("original", "restored"):
+        assert out[name]["patch_embed"].shape == (8, 16, out["text_embed"].shape[1])
+        ref = obj(out[name]["image_embed"], out["text_embed"], patch_embed=out[name]["patch_embed"], **kw)
+        torch.testing.assert_close(logs[f"{name}/patch_ml"], ref["patch_ml"])
+    assert not torch.allclose(logs["original/patch_ml"], logs["restored/patch_ml"])
+    with pytest.raises(ValueError, match="branch_patches="):
+        MixReorgLoss(obj)(m(images, ids, prompt_ids=prompts, plan=plan))
+    # the embedded patches before any block: the restored branch's are the original's
+    emb = m(images, ids, prompt_ids=prompts, plan=plan, branch_patches="embed")
+    torch.testing.assert_close(emb["original"]["patch_embed"], m.groupvit.project_patches(emb["embed_tokens"]))
+    assert emb["restored"]["patch_embed"] is emb["original"]["patch_embed"]
+    torch.testing.assert_close(emb["embed_tokens"], m.vision.embed_with_skip(images)[0])
+    with pytest.raises(ValueError, match="branch_patches must be"):
+        m(images, ids, prompt_ids=prompts, plan=plan, branch_patches="blocks")

@@ -137,3 +137,47 @@ def test_rows_without_a_positive_are_left_out() -> None:
     want = torch.stack([soft_cross_entropy(logits[0:1], pos[0:1]), soft_cross_entropy(logits[2:3], pos[2:3])]).mean()
     torch.testing.assert_close(soft_cross_entropy(logits, pos), want)
     assert float(soft_cross_entropy(logits, torch.zeros_like(pos))) == 0.0
+
+
+# ------------------------------------------------------------------ patch-level prompt term [R]
+def _prompts(b: int = 6, k: int = 2, d: int = 8, seed: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(b, k, d, generator=g), dim=-1)
+
+
+def test_patch_label_term_scores_each_prompt_by_the_best_patch() -> None:
+    """``patch_ml`` is the prompt loss with every image scored by its best patch, by hand; one patch
+    equal to the image embedding gives back the pooled prompt loss exactly."""
+    img, txt = _embeds()
+    prompts = _prompts()
+    g = torch.Generator().manual_seed(9)
+    patches = F.normalize(torch.randn(6, 5, 8, generator=g), dim=-1)
+    scale = torch.tensor(math.log(10.0))
+    obj = ContrastiveObjective(multi_label_weight=1.0, patch_label_weight=0.5)
+    out = obj(img, txt, logit_scale=scale, prompt_embed=prompts, patch_embed=patches)
+    flat = prompts.reshape(-1, 8)
+    logits = 10.0 * torch.einsum("bld,nd->bln", patches, flat).amax(1)  # [B, B*K]
+    logits_t = 10.0 * torch.einsum("nd,bld->nbl", flat, patches).amax(2)  # [B*K, B]
+    pos = torch.eye(6, dtype=torch.bool).repeat_interleave(2, dim=1)
+    ref = 0.5 * (-(F.log_softmax(logits, -1) * pos / 2).sum(-1).mean()
+                 - F.log_softmax(logits_t, -1)[pos.t()].mean())
+    torch.testing.assert_close(out["patch_ml"], ref)
+    torch.testing.assert_close(out["loss"], out["itc"] + out["ml"] + 0.5 * out["patch_ml"])
+    same = obj(img, txt, logit_scale=scale, prompt_embed=prompts, patch_embed=img[:, None])
+    torch.testing.assert_close(same["patch_ml"], same["ml"])
+
+
+def test_patch_label_term_trains_the_patches_and_needs_them() -> None:
+    img, txt = _embeds()
+    patches = F.normalize(torch.randn(6, 4, 8), dim=-1).requires_grad_()
+    obj = ContrastiveObjective(multi_label_weight=0.0, patch_label_weight=1.0)
+    out = obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=_prompts(), patch_embed=patches)
+    out["loss"].backward()
+    assert patches.grad is not None and patches.grad.abs().sum() > 0
+    assert "ml" not in out  # the pooled prompt term is off; only the patch one runs
+    with pytest.raises(ValueError, match="patch_label_weight > 0 needs patch_embed"):
+        obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=_prompts())
+    with pytest.raises(ValueError, match="patch_embed"):
+        obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=_prompts(), patch_embed=patches[:3])
+    with pytest.raises(ValueError, match="patch_label_weight must be >= 0"):
+        ContrastiveObjective(patch_label_weight=-1.0)

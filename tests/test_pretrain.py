@@ -586,3 +586,26 @@ def test_prompt_keys_name_the_noun_each_prompt_was_built_from(tmp_path: Path) ->
                                                     return_nouns=True)
         assert batch["keys"]["prompt"] == [expect_nouns]
         assert sorted(batch["keys"]["prompt"][0]) == ["dog", "photo"]
+
+
+def test_patch_label_term_reads_the_first_stage_patches(tmp_path: Path) -> None:
+    """``objective.patch_label_weight=w`` on the GroupViT trainer: the loss gains ``w`` times the
+    prompt loss scored by each image's best stage-1 patch (the tokens the grouping assigns, through
+    the image head), which trains the first stage's blocks; bad values are refused."""
+    from mixreorg.recipes.data import BatchBuilder, build_stream
+
+    cfg = tiny_config(tmp_path / "pl", **{"objective.patch_label_weight": 0.5})
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = BatchBuilder(cfg, cfg.model.text["context_length"])(next(iter(build_stream(cfg, 8, 0, 1))), 0)
+    out = model.training_losses(batch)
+    torch.testing.assert_close(out["loss"], out["itc"] + out["ml"] + 0.5 * out["patch_ml"])
+    gv = model.groupvit
+    vis = gv.encode_image(batch["images"])
+    assert vis["stage1_tokens"].shape[1] == gv.vision.patch_embed.grid_for(batch["images"])[0] ** 2
+    model.zero_grad()
+    out["patch_ml"].backward()
+    assert gv.vision.stages[0].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert gv.vision.stages[0].downsample.assign.q.weight.grad is None  # the grouping is not in its path
+    with pytest.raises(ValueError, match="patch_label_weight must be >= 0"):
+        tiny_config(tmp_path / "bad", **{"objective.patch_label_weight": -1.0})

@@ -15,6 +15,12 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
 * ``multi_label_pool="max_segment"``: an image scores a noun prompt by its best-matching SEGMENT
   (``seg_embed``) instead of its pooled embedding, so that single segments, not only their mean,
   must carry the nouns (what zero-shot segmentation reads).
+* ``patch_label_weight`` (default 0, off) [R]: the same prompt loss once more, with every image
+  scoring a prompt by its best-matching PATCH (``patch_embed [B, L, D]``: e.g. the first stage's
+  patch tokens through the image head, :meth:`mixreorg.nn.GroupViT.project_patches`). A noun must
+  then be found in some patch of the images that show it and in none of the others' (multiple-
+  instance learning from the captions alone), so the patch tokens the grouping assigns become
+  noun-discriminative: the text-supervised counterpart of deep supervision. Not in the paper.
 * ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
   of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
   image ``i``'s label keys (default: the keys of its own prompts).
@@ -75,6 +81,14 @@ def _ids(keys: Sequence[Hashable] | torch.Tensor, name: str, shape: tuple[int, .
     return ids
 
 
+def _check_parts(parts: torch.Tensor | None, batch: int, dim: int, what: str, name: str) -> None:
+    if parts is None or parts.ndim != 3 or parts.shape[0] != batch or parts.shape[2] != dim:
+        raise ValueError(
+            f"{what} [B={batch}, P, D={dim}] (normalised {name} embeddings), "
+            f"got {None if parts is None else tuple(parts.shape)}"
+        )
+
+
 @torch.compiler.disable
 def label_key_ids(label_keys: Sequence[Iterable[Hashable]], width: int = 1) -> torch.Tensor:
     """Every image's label keys -> ``LongTensor [B, M]`` of their ids (:func:`keys_to_ids`), -1 padded.
@@ -108,6 +122,8 @@ class ContrastiveObjective(nn.Module):
         multi_label_weight: weight of the prompt loss (0: off; it then needs no prompts).
         multi_label_pool: how an image scores a prompt: ``"image"`` (its pooled embedding, GroupViT)
             or ``"max_segment"`` (its best-matching segment embedding; needs ``seg_embed``).
+        patch_label_weight: weight of the prompt loss scored by the best PATCH (needs ``patch_embed``;
+            0: off, the paper) [R].
         bias_init: initial bias of the sigmoid form for the captions (SigLIP: -10, i.e. about
             ``-log(batch)`` of a 32k batch); ml_bias_init: the prompts' bias (default: ``bias_init``).
         learn_bias: make the biases learnable (sigmoid form).
@@ -121,8 +137,8 @@ class ContrastiveObjective(nn.Module):
                   text_keys: list[hashable] | LongTensor [B] | None = None,
                   prompt_keys: list[list[hashable]] | LongTensor [B, K] | None = None,
                   label_keys: list[iterable[hashable]] | LongTensor [B, M] | None = None,
-                  seg_embed [B, S, D] | None = None)
-        -> dict(loss, itc, [ml], acc_i2t, acc_t2i, scale, [bias])
+                  seg_embed [B, S, D] | None = None, patch_embed [B, L, D] | None = None)
+        -> dict(loss, itc, [ml], [patch_ml], acc_i2t, acc_t2i, scale, [bias])
 
     ``logit_scale`` / ``multi_label_scale`` are LOG-space scalars (the model's parameters).
     ``prompt_keys[j][k]`` names prompt ``(j, k)`` (its noun); ``label_keys[i]`` lists what image ``i``
@@ -139,6 +155,7 @@ class ContrastiveObjective(nn.Module):
         multi_positive: bool = False,
         multi_label_weight: float = 1.0,
         multi_label_pool: str = "image",
+        patch_label_weight: float = 0.0,
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -150,12 +167,15 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"loss must be one of {LOSS_FORMS}, got {loss!r}")
         if multi_label_pool not in MULTI_LABEL_POOLS:
             raise ValueError(f"multi_label_pool must be one of {MULTI_LABEL_POOLS}, got {multi_label_pool!r}")
+        if not patch_label_weight >= 0:
+            raise ValueError(f"patch_label_weight must be >= 0, got {patch_label_weight!r}")
         if multi_label_weight < 0:
             raise ValueError(f"multi_label_weight must be >= 0, got {multi_label_weight}")
         self.loss_form = loss
         self.multi_positive = bool(multi_positive)
         self.multi_label_weight = float(multi_label_weight)
         self.multi_label_pool = multi_label_pool
+        self.patch_label_weight = float(patch_label_weight)
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -169,7 +189,8 @@ class ContrastiveObjective(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"loss={self.loss_form!r}, multi_positive={self.multi_positive}, "
-            f"multi_label_weight={self.multi_label_weight}, multi_label_pool={self.multi_label_pool!r}"
+            f"multi_label_weight={self.multi_label_weight}, multi_label_pool={self.multi_label_pool!r}, "
+            f"patch_label_weight={self.patch_label_weight}"
         )
 
     def _label_ids(self, label_keys: Sequence[Iterable[Hashable]] | torch.Tensor, batch: int, device) -> torch.Tensor:
@@ -212,6 +233,7 @@ class ContrastiveObjective(nn.Module):
         prompt_keys: Sequence[Sequence[Hashable]] | torch.Tensor | None = None,
         label_keys: Sequence[Iterable[Hashable]] | torch.Tensor | None = None,
         seg_embed: torch.Tensor | None = None,
+        patch_embed: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         check_pair(image_embed, text_embed)
         batch, dim = image_embed.shape
@@ -228,17 +250,25 @@ class ContrastiveObjective(nn.Module):
         if self.bias is not None:
             out["bias"] = self.bias.detach()
         loss = itc
+        ml_log_scale = logit_scale if multi_label_scale is None else multi_label_scale
         if self.multi_label_weight > 0:
-            ml = self._multi_label(
-                image_embed, prompt_embed, seg_embed, logit_scale if multi_label_scale is None else multi_label_scale,
-                prompt_keys, label_keys,
-            )
+            segments = seg_embed if self.multi_label_pool == "max_segment" else None
+            if self.multi_label_pool == "max_segment":
+                _check_parts(segments, batch, dim, "multi_label_pool='max_segment' needs seg_embed", "segment")
+            ml = self._multi_label(image_embed, prompt_embed, segments, ml_log_scale, prompt_keys, label_keys)
             out["ml"] = ml
             loss = loss + self.multi_label_weight * ml
+        if self.patch_label_weight > 0:
+            _check_parts(patch_embed, batch, dim, "patch_label_weight > 0 needs patch_embed", "patch")
+            patch_ml = self._multi_label(image_embed, prompt_embed, patch_embed, ml_log_scale, prompt_keys, label_keys)
+            out["patch_ml"] = patch_ml
+            loss = loss + self.patch_label_weight * patch_ml
         out["loss"] = loss
         return out
 
-    def _multi_label(self, image_embed, prompt_embed, seg_embed, log_scale, prompt_keys, label_keys) -> torch.Tensor:
+    def _multi_label(self, image_embed, prompt_embed, parts, log_scale, prompt_keys, label_keys) -> torch.Tensor:
+        """The prompt loss; ``parts [B, P, D]`` (segments or patches): an image scores a prompt by its
+        best part, else by ``image_embed``."""
         batch, dim = image_embed.shape
         if prompt_embed is None:
             raise ValueError("multi_label_weight > 0 needs prompt_embed [B, K, D] (or set it to 0)")
@@ -250,16 +280,8 @@ class ContrastiveObjective(nn.Module):
             prompt_ids = _ids(prompt_keys, "prompt_keys", (batch, k))
             if label_keys is not None:
                 label_ids = self._label_ids(label_keys, batch, image_embed.device)
-        if self.multi_label_pool == "max_segment":
-            if seg_embed is None or seg_embed.ndim != 3 or seg_embed.shape[0] != batch or seg_embed.shape[2] != dim:
-                raise ValueError(
-                    "multi_label_pool='max_segment' needs seg_embed [B, S, D] (normalised segment embeddings), "
-                    f"got {None if seg_embed is None else tuple(seg_embed.shape)}"
-                )
-        else:
-            seg_embed = None
         return prompt_loss(
             image_embed, prompt_embed, logit_scale_value(log_scale, self.max_logit_scale, image_embed),
-            prompt_ids=prompt_ids, label_ids=label_ids, seg_embed=seg_embed, form=self.loss_form,
+            prompt_ids=prompt_ids, label_ids=label_ids, seg_embed=parts, form=self.loss_form,
             bias=self.ml_bias, gather=self.gather,
         )

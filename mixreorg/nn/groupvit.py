@@ -206,6 +206,12 @@ class GroupViT(nn.Module):
         out["seg_embed"] = F.normalize(self.image_proj(vision_out["tokens"]), dim=-1) if with_seg else None
         return out
 
+    def project_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``[B, L, C]`` (e.g. ``stage1_tokens``) -> ``[B, L, D]`` through the encoder's
+        final norm and the image head, L2-normalised: the embedding space of the segments, for
+        per-patch losses (in training a BatchNorm head updates its statistics with them too)."""
+        return F.normalize(self.image_proj(self.vision.norm(tokens)), dim=-1)
+
     def pool(self, vision_out: dict) -> dict:
         """``vision_out`` with ``pooled`` as ``image_pool`` says (the encoder's mean, or assigned)."""
         if self.image_pool == "mean":

@@ -28,7 +28,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
@@ -177,9 +176,12 @@ class MixReorg(nn.Module):
         return self.vision.stages[0].run_block(blk, h)
 
     # ------------------------------------------------------------------ original branch only
-    def _stage1_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-        """``(h [B, L + S, C] after the contextual block, group tokens, L, skip)``; ``skip`` is the
-        encoder's fine-grouping skip ``[B, L, f*f*C]`` (None without ``group_patch_size``)."""
+    def _stage1_input(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor]:
+        """``(h [B, L + S, C] after the contextual block, group tokens, L, skip, x)``; ``skip`` is the
+        encoder's fine-grouping skip ``[B, L, f*f*C]`` (None without ``group_patch_size``), ``x [B, L, C]``
+        the embedded patches before the contextual block (local features, for a per-patch loss)."""
         enc = self.vision
         x, skip = enc.embed_with_skip(images)  # [B, L, C]
         g = enc.stages[0].init_group_tokens(x.shape[0])  # [B, S, C]
@@ -187,13 +189,13 @@ class MixReorg(nn.Module):
         h = torch.cat([x, g], dim=1)  # [B, L + S, C]
         if self.context_block is not None:
             h = self._run(self.context_block, h)
-        return h, g, L, skip
+        return h, g, L, skip, x
 
     def encode_image(self, images: torch.Tensor, return_maps: bool = False) -> dict:
         """The original branch alone (inference): same output dict as ``GroupViT.encode_image``."""
         enc = self.vision
         grid = enc.patch_embed.grid_for(images)
-        h, _, L, skip = self._stage1_input(images)
+        h, _, L, skip, _ = self._stage1_input(images)
         for blk in enc.stages[0].blocks:
             h = self._run(blk, h)
         assigned = self.groupvit.image_pool == "assigned"  # assigned pooling reads the maps
@@ -238,7 +240,8 @@ class MixReorg(nn.Module):
         Returns ``dict(original=..., mixed=..., restored=..., plan=MixPlan, grid=(h, w))`` where
         each branch is the projected output dict (``image_embed [B, D]``, ``seg_embed
         [B, S, D]``, ``hard_maps``, ``soft_maps``, ``tokens``, ``pooled``), plus
-        ``stage1`` = dict of the stage-1 patch tokens of each branch (for tests and analysis).
+        ``stage1`` = dict of the stage-1 patch tokens of each branch (for tests and analysis), and
+        ``embed_tokens [B, L, C]``: the original images' embedded patches before any block.
         """
         enc = self.vision
         grid = enc.patch_embed.grid_for(images)
@@ -246,7 +249,7 @@ class MixReorg(nn.Module):
         if B % self.group_size != 0:
             raise ValueError(f"MixReorg: batch size {B} is not divisible by the group size {self.group_size}")
         with record_function("mixreorg/embed+context"):
-            h, _, L, skip = self._stage1_input(images)  # [B, L + S, C] after the contextual block
+            h, _, L, skip, embed_tokens = self._stage1_input(images)  # [B, L + S, C] after the contextual block
         x_o, g_o = h[:, :L], h[:, L:]
         if plan is None:
             plan = self.make_plan(B, grid, images.device, generator)
@@ -283,12 +286,13 @@ class MixReorg(nn.Module):
                 "hard_maps": [m[sl] for m in out["hard_maps"]],
                 "soft_maps": [m[sl] for m in out["soft_maps"]],
             }
-        branches.update(plan=plan, grid=grid, stage1={"original": x_o, "mixed": x_m, "restored": x_r})
+        branches.update(plan=plan, grid=grid, stage1={"original": x_o, "mixed": x_m, "restored": x_r},
+                        embed_tokens=embed_tokens)
         return branches
 
     def forward(self, images: torch.Tensor, token_ids: torch.Tensor, prompt_ids: torch.Tensor | None = None,
                 plan: MixPlan | None = None, generator: torch.Generator | None = None,
-                patch_embed: bool = False) -> dict:
+                patch_embed: bool = False, branch_patches: str | None = None) -> dict:
         """Training forward: the three branches plus text embeddings.
 
         Returns the :meth:`forward_branches` dict with ``text_embed [B, D]``, ``prompt_embed
@@ -299,13 +303,23 @@ class MixReorg(nn.Module):
         segmentation loss uses. ``N_0 = L`` unless the encoder groups a finer grid. With
         ``patch_embed``, also ``mixed_patch_embed [B, L, D]``: the mixed branch's stage-1 patch tokens
         through the final norm and the image head, normalised (the patch-level L_seg reads them; only
-        on request, since a head with BatchNorm would update its statistics with them).
+        on request, since a head with BatchNorm would update its statistics with them). With
+        ``branch_patches="stage1"`` (or ``"embed"``), ``out[b]["patch_embed"] [B, L, D]`` likewise for
+        the original and restored branches, from their stage-1 tokens (or the embedded patches before
+        any block: the restored branch's are then the original's, since restore undoes mix): what a
+        per-patch image-text term reads.
         """
         out = self.forward_branches(images, plan, generator)
         if patch_embed:
-            gv = self.groupvit
-            x_m = out["stage1"]["mixed"]  # [B, L, C]
-            out["mixed_patch_embed"] = F.normalize(gv.image_proj(gv.vision.norm(x_m)), dim=-1)  # [B, L, D]
+            out["mixed_patch_embed"] = self.groupvit.project_patches(out["stage1"]["mixed"])  # [B, L, D]
+        if branch_patches == "embed":
+            emb = self.groupvit.project_patches(out["embed_tokens"])  # [B, L, D]
+            out["original"]["patch_embed"] = out["restored"]["patch_embed"] = emb
+        elif branch_patches == "stage1":
+            for name in ("original", "restored"):
+                out[name]["patch_embed"] = self.groupvit.project_patches(out["stage1"][name])  # [B, L, D]
+        elif branch_patches is not None:
+            raise ValueError(f"branch_patches must be None, 'stage1' or 'embed', got {branch_patches!r}")
         # two text passes, as the GroupViT trainer: captions and prompts may have other lengths
         out["text_embed"] = self.encode_text(token_ids)  # [B, D]
         out["prompt_embed"] = self.encode_text(prompt_ids) if prompt_ids is not None else None  # [B, K, D]

@@ -168,7 +168,7 @@ class SupervisedSegmenter(nn.Module):
     def patch_logits(self, patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         """Stage-1 patch tokens ``[B, L, C]`` -> per-pixel logits ``[B, K, H, W]`` through the image head."""
         gv = self.groupvit
-        emb = F.normalize(gv.image_proj(gv.vision.norm(patches)), dim=-1)  # [B, L, D]
+        emb = gv.project_patches(patches)  # [B, L, D]
         logits = gv.scale() * emb @ self.class_embeddings().t()  # [B, L, K]
         b, _, k = logits.shape
         logits = logits.transpose(1, 2).reshape(b, k, *grid)

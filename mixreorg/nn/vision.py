@@ -626,12 +626,14 @@ class GroupViTVisionEncoder(nn.Module):
         ``hard_maps`` / ``soft_maps`` (lists of ``[B, S_i, N_i]``, one per grouping stage, empty
         unless ``return_maps``), ``grid`` (the patch grid ``(H/p, W/p)``) and ``stage1_tokens
         [B, L, C]`` (the first stage's patch tokens after its blocks, before any grouping: what
-        per-patch losses read; no extra compute).
+        per-patch losses read; no extra compute) and ``embed_tokens [B, L, C]`` (the embedded patches
+        with their positions, before any block: local features, for a per-patch loss that must stay
+        local).
         """
         grid = self.patch_embed.grid_for(images)
-        x, skip = self.embed_with_skip(images)
-        g = self.stages[0].init_group_tokens(x.shape[0])
-        x, g = self.stages[0].forward_blocks(x, g)
+        x0, skip = self.embed_with_skip(images)
+        g = self.stages[0].init_group_tokens(x0.shape[0])
+        x, g = self.stages[0].forward_blocks(x0, g)
         out = self.forward_from_stage_output(0, x, g, return_maps=return_maps, grid=grid, skip=skip)
-        out["stage1_tokens"] = x
+        out["stage1_tokens"], out["embed_tokens"] = x, x0
         return out

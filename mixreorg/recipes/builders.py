@@ -23,6 +23,7 @@ def build_objective(cfg: PretrainConfig) -> ContrastiveObjective:
         multi_positive=o.multi_positive,
         multi_label_weight=o.multi_label_weight,
         multi_label_pool=o.multi_label_pool,
+        patch_label_weight=o.patch_label_weight,
         bias_init=o.bias_init,
         ml_bias_init=o.ml_bias_init,
     )

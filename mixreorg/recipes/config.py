@@ -127,6 +127,8 @@ class ObjectiveConfig:
     multi_positive: bool = False
     multi_label_weight: float = 1.0
     multi_label_pool: str = "image"
+    patch_label_weight: float = 0.0  # [R] the prompt loss scored by each image's best patch
+    patch_label_tokens: str = "stage1"  # which patches: "stage1" (after its blocks) | "embed" (before any)
     bias_init: float = -10.0
     ml_bias_init: float | None = None
 
@@ -274,6 +276,12 @@ class PretrainConfig:
         if self.objective.multi_label_pool not in ("image", "max_segment"):
             problems.append(
                 f"objective.multi_label_pool must be image|max_segment, got {self.objective.multi_label_pool!r}"
+            )
+        if not self.objective.patch_label_weight >= 0:
+            problems.append(f"objective.patch_label_weight must be >= 0, got {self.objective.patch_label_weight!r}")
+        if self.objective.patch_label_tokens not in ("stage1", "embed"):
+            problems.append(
+                f"objective.patch_label_tokens must be stage1|embed, got {self.objective.patch_label_tokens!r}"
             )
         if self.objective.loss not in ("softmax", "sigmoid"):
             problems.append(f"objective.loss must be softmax|sigmoid, got {self.objective.loss!r}")

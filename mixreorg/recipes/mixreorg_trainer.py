@@ -29,11 +29,16 @@ class MixReorgPretrainer(nn.Module):
         objective: the image-text objective shared by every compared model.
         seg_weight, restored_weight: loss weights (0 switches a term off: Table 6 rows).
         patch_seg_weight: weight of L_seg at the patch level (:class:`~mixreorg.losses.MixReorgLoss`).
+        patch_tokens: the patches an objective with ``patch_label_weight > 0`` scores (``"stage1"`` or
+            ``"embed"``, as :class:`mixreorg.recipes.models.GroupViTPretrainer`).
     """
 
     def __init__(self, model: MixReorg, objective: nn.Module, seg_weight: float = 1.0,
-                 restored_weight: float = 1.0, patch_seg_weight: float = 0.0) -> None:
+                 restored_weight: float = 1.0, patch_seg_weight: float = 0.0, patch_tokens: str = "stage1") -> None:
         super().__init__()
+        if patch_tokens not in ("stage1", "embed"):
+            raise ValueError(f"patch_tokens must be 'stage1' or 'embed', got {patch_tokens!r}")
+        self.patch_tokens = patch_tokens
         self.model = model
         self.objective = objective
         self.loss = MixReorgLoss(objective, seg_weight=seg_weight, restored_weight=restored_weight,
@@ -62,9 +67,12 @@ class MixReorgPretrainer(nn.Module):
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         images, text = batch["images"], batch["text"]
-        prompts = batch.get("prompts") if getattr(self.objective, "multi_label_weight", 1.0) else None
+        obj = self.objective
+        uses_prompts = getattr(obj, "multi_label_weight", 1.0) or getattr(obj, "patch_label_weight", 0.0)
+        prompts = batch.get("prompts") if uses_prompts else None
         out = self.model(images, text, prompt_ids=prompts, plan=batch.get("plan"),
-                         patch_embed=self.loss.patch_seg_weight > 0)
+                         patch_embed=self.loss.patch_seg_weight > 0,
+                         branch_patches=self.patch_tokens if self.loss.reads_patches else None)
         keys = batch.get("caption_keys")
         if keys is None:
             captions = batch.get("captions")
@@ -83,4 +91,5 @@ def build_mixreorg_trainer(cfg) -> MixReorgPretrainer:
     (the backbone's)."""
     opts = dict(cfg.model.mixreorg)
     weights = {k: opts.pop(k) for k in ("seg_weight", "restored_weight", "patch_seg_weight") if k in opts}
-    return MixReorgPretrainer(MixReorg(build_groupvit(cfg), opts), build_objective(cfg), **weights)
+    return MixReorgPretrainer(MixReorg(build_groupvit(cfg), opts), build_objective(cfg),
+                              patch_tokens=cfg.objective.patch_label_tokens, **weights)

@@ -54,19 +54,28 @@ __all__ = [
 ]
 
 
+PATCH_LABEL_TOKENS = ("stage1", "embed")
+
+
 class GroupViTPretrainer(nn.Module):
     """GroupViT trained with the shared :class:`ContrastiveObjective` (the trainer-model interface).
 
     ``training_losses(batch)`` encodes the images, captions and (when the objective uses them) the
     noun prompts, and returns the objective's dict: ``loss`` (scalar tensor) plus ``itc``, ``ml``,
     in-batch retrieval accuracies and the current scale / bias. The image vector is pooled as the
-    backbone's ``image_pool`` says.
+    backbone's ``image_pool`` says. ``patch_tokens``: the patch tokens an objective with
+    ``patch_label_weight > 0`` scores: ``"stage1"`` (after the first stage's blocks, what the grouping
+    assigns) or ``"embed"`` (the embedded patches before any block: features that cannot see the rest
+    of the image, so a noun they must carry is where its object is).
     """
 
-    def __init__(self, groupvit: GroupViT, objective: ContrastiveObjective) -> None:
+    def __init__(self, groupvit: GroupViT, objective: ContrastiveObjective, patch_tokens: str = "stage1") -> None:
         super().__init__()
+        if patch_tokens not in PATCH_LABEL_TOKENS:
+            raise ValueError(f"patch_tokens must be one of {PATCH_LABEL_TOKENS}, got {patch_tokens!r}")
         self.groupvit = groupvit
         self.objective = objective
+        self.patch_tokens = patch_tokens
 
     def inference_model(self) -> nn.Module:
         """The model zero-shot evaluation uses (the backbone itself)."""
@@ -81,7 +90,8 @@ class GroupViTPretrainer(nn.Module):
         needs_seg = self.objective.multi_label_pool == "max_segment" and self.objective.multi_label_weight > 0
         vis = gv.encode_image(images, return_maps=needs_seg)
         prompts = batch.get("prompts")
-        use_prompts = self.objective.multi_label_weight > 0
+        patch_labels = getattr(self.objective, "patch_label_weight", 0.0) > 0
+        use_prompts = self.objective.multi_label_weight > 0 or patch_labels
         if use_prompts and prompts is None:
             raise ValueError("the objective's multi-label loss needs batch['prompts'] [B, K, T]")
         # two passes: captions and prompts are trimmed to their own lengths (cheaper than padding
@@ -99,6 +109,7 @@ class GroupViTPretrainer(nn.Module):
             prompt_keys=batch.get("prompt_keys"),
             label_keys=batch.get("label_keys"),
             seg_embed=vis.get("seg_embed") if needs_seg else None,
+            patch_embed=gv.project_patches(vis[f"{self.patch_tokens}_tokens"]) if patch_labels else None,  # [B, L, D]
         )
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +118,7 @@ class GroupViTPretrainer(nn.Module):
 
 
 def _build_groupvit_trainer(cfg: PretrainConfig) -> nn.Module:
-    return GroupViTPretrainer(build_groupvit(cfg), build_objective(cfg))
+    return GroupViTPretrainer(build_groupvit(cfg), build_objective(cfg), cfg.objective.patch_label_tokens)
 
 
 def _build_groupvit_plus_trainer(cfg: PretrainConfig) -> nn.Module:
