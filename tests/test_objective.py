@@ -181,3 +181,24 @@ def test_patch_label_term_trains_the_patches_and_needs_them() -> None:
         obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=_prompts(), patch_embed=patches[:3])
     with pytest.raises(ValueError, match="patch_label_weight must be >= 0"):
         ContrastiveObjective(patch_label_weight=-1.0)
+
+
+def test_prompt_uniformity_keeps_distinct_nouns_apart() -> None:
+    """``prompt_uniformity_weight``: ``log mean exp(-2 |p_a - p_b|^2)`` over prompt pairs with
+    different keys, by hand; prompts of one noun (one text) are not pushed apart; it needs the keys."""
+    img, txt = _embeds(b=3)
+    prompts = _prompts(b=3, k=2)
+    keys = [["circle", "grass"], ["circle", "sky"], ["star", "grass"]]
+    obj = ContrastiveObjective(multi_label_weight=0.0, prompt_uniformity_weight=0.25)
+    out = obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=prompts, prompt_keys=keys)
+    flat, names = prompts.reshape(6, -1), [k for row in keys for k in row]
+    terms = [torch.exp(-2 * (flat[a] - flat[b]).pow(2).sum()) for a in range(6) for b in range(6)
+             if names[a] != names[b]]
+    torch.testing.assert_close(out["uniformity"], torch.stack(terms).mean().log())
+    torch.testing.assert_close(out["loss"], out["itc"] + 0.25 * out["uniformity"])
+    same = obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=prompts, prompt_keys=[["a", "a"]] * 3)
+    torch.testing.assert_close(same["uniformity"], torch.zeros(()))  # no pair with different keys
+    with pytest.raises(ValueError, match="needs prompt_keys"):
+        obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=prompts)
+    with pytest.raises(ValueError, match="prompt_uniformity_weight must be >= 0"):
+        ContrastiveObjective(prompt_uniformity_weight=-0.1)

@@ -21,6 +21,12 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
   then be found in some patch of the images that show it and in none of the others' (multiple-
   instance learning from the captions alone), so the patch tokens the grouping assigns become
   noun-discriminative: the text-supervised counterpart of deep supervision. Not in the paper.
+* ``prompt_uniformity_weight`` (default 0, off) [R]: Wang & Isola's uniformity,
+  ``log mean exp(-2 ||p_a - p_b||^2)`` over the pairs of prompt embeddings with DIFFERENT keys (nouns),
+  which keeps distinct nouns apart in the text space. Without it the tiny recipe's text tower maps
+  all six SynthShapes shape prompts to one embedding (cosine 0.999 after 300 steps: the image side
+  cannot tell the shapes apart yet, so the text side merges them, and then the image side gets no
+  signal to tell them apart): a joint collapse this term rules out. Not in the paper.
 * ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
   of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
   image ``i``'s label keys (default: the keys of its own prompts).
@@ -122,6 +128,7 @@ class ContrastiveObjective(nn.Module):
         multi_label_weight: weight of the prompt loss (0: off; it then needs no prompts).
         multi_label_pool: how an image scores a prompt: ``"image"`` (its pooled embedding, GroupViT)
             or ``"max_segment"`` (its best-matching segment embedding; needs ``seg_embed``).
+        prompt_uniformity_weight: weight of the uniformity of the prompts with different keys [R].
         patch_label_weight: weight of the prompt loss scored by the best PATCH (needs ``patch_embed``;
             0: off, the paper) [R].
         bias_init: initial bias of the sigmoid form for the captions (SigLIP: -10, i.e. about
@@ -156,6 +163,7 @@ class ContrastiveObjective(nn.Module):
         multi_label_weight: float = 1.0,
         multi_label_pool: str = "image",
         patch_label_weight: float = 0.0,
+        prompt_uniformity_weight: float = 0.0,
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -167,6 +175,8 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"loss must be one of {LOSS_FORMS}, got {loss!r}")
         if multi_label_pool not in MULTI_LABEL_POOLS:
             raise ValueError(f"multi_label_pool must be one of {MULTI_LABEL_POOLS}, got {multi_label_pool!r}")
+        if not prompt_uniformity_weight >= 0:
+            raise ValueError(f"prompt_uniformity_weight must be >= 0, got {prompt_uniformity_weight!r}")
         if not patch_label_weight >= 0:
             raise ValueError(f"patch_label_weight must be >= 0, got {patch_label_weight!r}")
         if multi_label_weight < 0:
@@ -176,6 +186,7 @@ class ContrastiveObjective(nn.Module):
         self.multi_label_weight = float(multi_label_weight)
         self.multi_label_pool = multi_label_pool
         self.patch_label_weight = float(patch_label_weight)
+        self.prompt_uniformity_weight = float(prompt_uniformity_weight)
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -190,7 +201,7 @@ class ContrastiveObjective(nn.Module):
         return (
             f"loss={self.loss_form!r}, multi_positive={self.multi_positive}, "
             f"multi_label_weight={self.multi_label_weight}, multi_label_pool={self.multi_label_pool!r}, "
-            f"patch_label_weight={self.patch_label_weight}"
+            f"patch_label_weight={self.patch_label_weight}, prompt_uniformity_weight={self.prompt_uniformity_weight}"
         )
 
     def _label_ids(self, label_keys: Sequence[Iterable[Hashable]] | torch.Tensor, batch: int, device) -> torch.Tensor:
@@ -263,8 +274,29 @@ class ContrastiveObjective(nn.Module):
             patch_ml = self._multi_label(image_embed, prompt_embed, patch_embed, ml_log_scale, prompt_keys, label_keys)
             out["patch_ml"] = patch_ml
             loss = loss + self.patch_label_weight * patch_ml
+        if self.prompt_uniformity_weight > 0:
+            uni = self._prompt_uniformity(prompt_embed, prompt_keys)
+            out["uniformity"] = uni
+            loss = loss + self.prompt_uniformity_weight * uni
         out["loss"] = loss
         return out
+
+    def _prompt_uniformity(self, prompt_embed: torch.Tensor | None, prompt_keys) -> torch.Tensor:
+        """``log mean exp(-2 ||p_a - p_b||^2)`` over this rank's prompt pairs with different keys."""
+        if prompt_embed is None or prompt_embed.ndim != 3:
+            raise ValueError("prompt_uniformity_weight > 0 needs prompt_embed [B, K, D]")
+        if prompt_keys is None:
+            raise ValueError("prompt_uniformity_weight > 0 needs prompt_keys (prompts of one noun are one text)")
+        b, k, _ = prompt_embed.shape
+        ids = _ids(prompt_keys, "prompt_keys", (b, k)).to(prompt_embed.device).reshape(-1)  # [B*K]
+        p = prompt_embed.reshape(b * k, -1).float()
+        sq = (2.0 - 2.0 * p @ p.t()).clamp_min(0)  # squared distances of unit vectors [B*K, B*K]
+        other = ids[:, None] != ids[None, :]
+        logits = (-2.0 * sq).masked_fill(~other, float("-inf")).flatten()
+        # a batch whose prompts share one key has no pair: 0 (-inf would poison the loss)
+        count = other.sum()
+        return torch.where(count > 0, torch.logsumexp(logits, 0) - count.clamp_min(1).float().log(),
+                           logits.new_zeros(()))
 
     def _multi_label(self, image_embed, prompt_embed, parts, log_scale, prompt_keys, label_keys) -> torch.Tensor:
         """The prompt loss; ``parts [B, P, D]`` (segments or patches): an image scores a prompt by its

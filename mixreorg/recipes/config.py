@@ -128,6 +128,7 @@ class ObjectiveConfig:
     multi_label_weight: float = 1.0
     multi_label_pool: str = "image"
     patch_label_weight: float = 0.0  # [R] the prompt loss scored by each image's best patch
+    prompt_uniformity_weight: float = 0.0  # [R] keep the prompts of distinct nouns apart
     patch_label_tokens: str = "stage1"  # which patches: "stage1" (after its blocks) | "embed" (before any)
     bias_init: float = -10.0
     ml_bias_init: float | None = None
@@ -279,6 +280,10 @@ class PretrainConfig:
             )
         if not self.objective.patch_label_weight >= 0:
             problems.append(f"objective.patch_label_weight must be >= 0, got {self.objective.patch_label_weight!r}")
+        if not self.objective.prompt_uniformity_weight >= 0:
+            problems.append(
+                f"objective.prompt_uniformity_weight must be >= 0, got {self.objective.prompt_uniformity_weight!r}"
+            )
         if self.objective.patch_label_tokens not in ("stage1", "embed"):
             problems.append(
                 f"objective.patch_label_tokens must be stage1|embed, got {self.objective.patch_label_tokens!r}"

@@ -68,7 +68,8 @@ class MixReorgPretrainer(nn.Module):
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         images, text = batch["images"], batch["text"]
         obj = self.objective
-        uses_prompts = getattr(obj, "multi_label_weight", 1.0) or getattr(obj, "patch_label_weight", 0.0)
+        uses_prompts = any(getattr(obj, w, d) for w, d in (
+            ("multi_label_weight", 1.0), ("patch_label_weight", 0.0), ("prompt_uniformity_weight", 0.0)))
         prompts = batch.get("prompts") if uses_prompts else None
         out = self.model(images, text, prompt_ids=prompts, plan=batch.get("plan"),
                          patch_embed=self.loss.patch_seg_weight > 0,

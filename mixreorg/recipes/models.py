@@ -91,7 +91,8 @@ class GroupViTPretrainer(nn.Module):
         vis = gv.encode_image(images, return_maps=needs_seg)
         prompts = batch.get("prompts")
         patch_labels = getattr(self.objective, "patch_label_weight", 0.0) > 0
-        use_prompts = self.objective.multi_label_weight > 0 or patch_labels
+        use_prompts = (self.objective.multi_label_weight > 0 or patch_labels
+                       or getattr(self.objective, "prompt_uniformity_weight", 0.0) > 0)
         if use_prompts and prompts is None:
             raise ValueError("the objective's multi-label loss needs batch['prompts'] [B, K, T]")
         # two passes: captions and prompts are trimmed to their own lengths (cheaper than padding
