@@ -1,7 +1,9 @@
 """Does a zero-shot run recognise the nouns at all? Per class, the ROC AUC over the first 512 eval
 images of "the class is in the image" (from the masks) scored by the image embedding's similarity to
 the class prompt, and by the best patch's (stage-1 / embedded patches through the image head).
-0.5 = chance. If a shape's image-level AUC is near 0.5, no grouping can segment it.
+0.5 = chance. If a shape's image-level AUC is near 0.5, no grouping can segment it. It also prints
+the mean cosine between the class prompts' text embeddings (stuff-stuff, thing-thing): near 1 means
+the text tower has merged those nouns.
 
     python docs/investigation/noun_auc.py RUN_FOLDER
 """
@@ -44,3 +46,6 @@ for key, s in scores.items():
     s = torch.cat(s)
     a = [auc(s[:, c], lab[:, c]) for c in range(len(names))]
     print(f"{key:8s} AUC things {sum(a[4:]) / 6:.3f} | " + " ".join(f"{n} {v:.2f}" for n, v in zip(names, a)))
+sim = cls @ cls.t()
+mean_off = lambda s: ((s.sum() - s.diagonal().sum()) / (s.numel() - len(s))).item()  # noqa: E731
+print(f"prompt cosine: stuff-stuff {mean_off(sim[:4, :4]):.3f} thing-thing {mean_off(sim[4:, 4:]):.3f}")
