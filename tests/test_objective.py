@@ -196,8 +196,11 @@ def test_prompt_uniformity_keeps_distinct_nouns_apart() -> None:
              if names[a] != names[b]]
     torch.testing.assert_close(out["uniformity"], torch.stack(terms).mean().log())
     torch.testing.assert_close(out["loss"], out["itc"] + 0.25 * out["uniformity"])
-    same = obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=prompts, prompt_keys=[["a", "a"]] * 3)
+    one_key = prompts.clone().requires_grad_()
+    same = obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=one_key, prompt_keys=[["a", "a"]] * 3)
     torch.testing.assert_close(same["uniformity"], torch.zeros(()))  # no pair with different keys
+    same["uniformity"].backward()
+    assert torch.equal(one_key.grad, torch.zeros_like(one_key))  # finite and zero, not NaN
     with pytest.raises(ValueError, match="needs prompt_keys"):
         obj(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=prompts)
     with pytest.raises(ValueError, match="prompt_uniformity_weight must be >= 0"):

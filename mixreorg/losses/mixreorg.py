@@ -123,7 +123,7 @@ class MixReorgLoss(nn.Module):
                 continue
             # an objective that scores prompts by the best segment reads this branch's segments
             seg = {"seg_embed": out[name]["seg_embed"]} if self._reads_segments else {}
-            if self.reads_patches:  # a per-patch prompt term reads this branch's stage-1 patches
+            if self.reads_patches:  # a per-patch prompt term reads this branch's own patches
                 if out[name].get("patch_embed") is None:
                     raise ValueError(f"the objective's patch_label_weight needs out[{name!r}]['patch_embed']: "
                                      "call MixReorg.forward(..., branch_patches='stage1'|'embed')")

@@ -19,8 +19,10 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
   scoring a prompt by its best-matching PATCH (``patch_embed [B, L, D]``: e.g. the first stage's
   patch tokens through the image head, :meth:`mixreorg.nn.GroupViT.project_patches`). A noun must
   then be found in some patch of the images that show it and in none of the others' (multiple-
-  instance learning from the captions alone), so the patch tokens the grouping assigns become
-  noun-discriminative: the text-supervised counterpart of deep supervision. Not in the paper.
+  instance learning from the captions alone), meant to make the patch tokens the grouping assigns
+  noun-discriminative: the text-supervised counterpart of deep supervision. Not in the paper. On the
+  tiny recipe (docs/investigation/LOG.md, session 6) it breaks the one-group collapse (4 groups used
+  per image instead of 1) but does not teach the shapes in 300 steps.
 * ``prompt_uniformity_weight`` (default 0, off) [R]: Wang & Isola's uniformity,
   ``log mean exp(-2 ||p_a - p_b||^2)`` over the pairs of prompt embeddings with DIFFERENT keys (nouns),
   which keeps distinct nouns apart in the text space. Without it the tiny recipe's text tower maps
@@ -145,7 +147,7 @@ class ContrastiveObjective(nn.Module):
                   prompt_keys: list[list[hashable]] | LongTensor [B, K] | None = None,
                   label_keys: list[iterable[hashable]] | LongTensor [B, M] | None = None,
                   seg_embed [B, S, D] | None = None, patch_embed [B, L, D] | None = None)
-        -> dict(loss, itc, [ml], [patch_ml], acc_i2t, acc_t2i, scale, [bias])
+        -> dict(loss, itc, [ml], [patch_ml], [uniformity], acc_i2t, acc_t2i, scale, [bias])
 
     ``logit_scale`` / ``multi_label_scale`` are LOG-space scalars (the model's parameters).
     ``prompt_keys[j][k]`` names prompt ``(j, k)`` (its noun); ``label_keys[i]`` lists what image ``i``
@@ -290,10 +292,12 @@ class ContrastiveObjective(nn.Module):
         b, k, _ = prompt_embed.shape
         ids = _ids(prompt_keys, "prompt_keys", (b, k)).to(prompt_embed.device).reshape(-1)  # [B*K]
         p = prompt_embed.reshape(b * k, -1).float()
-        sq = (2.0 - 2.0 * p @ p.t()).clamp_min(0)  # squared distances of unit vectors [B*K, B*K]
+        with torch.autocast(p.device.type, enabled=False):  # a bf16 matmul would round the distances
+            sq = (2.0 - 2.0 * p @ p.t()).clamp_min(0)  # squared distances of unit vectors [B*K, B*K]
         other = ids[:, None] != ids[None, :]
-        logits = (-2.0 * sq).masked_fill(~other, float("-inf")).flatten()
-        # a batch whose prompts share one key has no pair: 0 (-inf would poison the loss)
+        # -1e4, not -inf: exp underflows to exactly 0 all the same, and a batch whose prompts share
+        # one key (no pair: the term is 0) keeps a finite, zero gradient
+        logits = (-2.0 * sq).masked_fill(~other, -1e4).flatten()
         count = other.sum()
         return torch.where(count > 0, torch.logsumexp(logits, 0) - count.clamp_min(1).float().log(),
                            logits.new_zeros(()))

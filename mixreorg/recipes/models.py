@@ -65,8 +65,8 @@ class GroupViTPretrainer(nn.Module):
     in-batch retrieval accuracies and the current scale / bias. The image vector is pooled as the
     backbone's ``image_pool`` says. ``patch_tokens``: the patch tokens an objective with
     ``patch_label_weight > 0`` scores: ``"stage1"`` (after the first stage's blocks, what the grouping
-    assigns) or ``"embed"`` (the embedded patches before any block: features that cannot see the rest
-    of the image, so a noun they must carry is where its object is).
+    assigns) or ``"embed"`` (the embedded patches before any block: features that cannot attend to
+    the rest of the image, only their trunk's receptive field).
     """
 
     def __init__(self, groupvit: GroupViT, objective: ContrastiveObjective, patch_tokens: str = "stage1") -> None:
