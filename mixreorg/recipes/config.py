@@ -119,6 +119,9 @@ class ModelConfig:
     supervised_aux: float = 0.0
 
 
+PATCH_LABEL_TOKENS = ("stage1", "embed")  # the patches objective.patch_label_weight scores
+
+
 @dataclass
 class ObjectiveConfig:
     """:class:`mixreorg.losses.ContrastiveObjective` switches (same for every model)."""
@@ -284,7 +287,7 @@ class PretrainConfig:
             problems.append(
                 f"objective.prompt_uniformity_weight must be >= 0, got {self.objective.prompt_uniformity_weight!r}"
             )
-        if self.objective.patch_label_tokens not in ("stage1", "embed"):
+        if self.objective.patch_label_tokens not in PATCH_LABEL_TOKENS:
             problems.append(
                 f"objective.patch_label_tokens must be stage1|embed, got {self.objective.patch_label_tokens!r}"
             )

@@ -16,6 +16,7 @@ from mixreorg.losses import MixReorgLoss, text_ids
 from mixreorg.nn.mixreorg import MixReorg
 
 from .builders import build_groupvit, build_objective
+from .config import PATCH_LABEL_TOKENS
 from .data import token_row_keys
 
 __all__ = ["MixReorgPretrainer", "build_mixreorg_trainer"]
@@ -36,8 +37,8 @@ class MixReorgPretrainer(nn.Module):
     def __init__(self, model: MixReorg, objective: nn.Module, seg_weight: float = 1.0,
                  restored_weight: float = 1.0, patch_seg_weight: float = 0.0, patch_tokens: str = "stage1") -> None:
         super().__init__()
-        if patch_tokens not in ("stage1", "embed"):
-            raise ValueError(f"patch_tokens must be 'stage1' or 'embed', got {patch_tokens!r}")
+        if patch_tokens not in PATCH_LABEL_TOKENS:
+            raise ValueError(f"patch_tokens must be one of {PATCH_LABEL_TOKENS}, got {patch_tokens!r}")
         self.patch_tokens = patch_tokens
         self.model = model
         self.objective = objective

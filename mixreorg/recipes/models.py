@@ -38,7 +38,7 @@ from mixreorg.nn.presets import TABLE6_ROWS
 from mixreorg.nn.supervised import SupervisedSegmenter
 
 from .builders import build_groupvit, build_objective, no_weight_decay_names
-from .config import PRESETS, PretrainConfig, get_preset
+from .config import PATCH_LABEL_TOKENS, PRESETS, PretrainConfig, get_preset
 from .mixreorg_trainer import build_mixreorg_trainer
 
 __all__ = [
@@ -52,9 +52,6 @@ __all__ = [
     "no_weight_decay_names",
     "table6_builder",
 ]
-
-
-PATCH_LABEL_TOKENS = ("stage1", "embed")
 
 
 class GroupViTPretrainer(nn.Module):
