@@ -55,6 +55,30 @@ def test_residual_blocks_start_as_identity():
     torch.testing.assert_close(deep(x), b(x))
 
 
+def test_full_strength_residual_init_changes_only_the_last_batchnorm():
+    # stem_zero_init=False: the same random draws, every residual block's last BatchNorm at one
+    # instead of zero, so the blocks are no longer the identity at initialisation
+    torch.manual_seed(0)
+    zero = GroupViTVisionEncoder(**VISION).eval()
+    torch.manual_seed(0)
+    full = GroupViTVisionEncoder(**{**VISION, "stem_zero_init": False}).eval()
+    zs, fs = zero.state_dict(), full.state_dict()
+    assert zs.keys() == fs.keys()
+    bn2 = {k for k in zs if ".bn2.weight" in k}
+    assert bn2, "the test's trunk has residual blocks"
+    for k in zs:
+        if k in bn2:
+            assert torch.all(zs[k] == 0) and torch.all(fs[k] == 1), k
+        else:
+            torch.testing.assert_close(zs[k], fs[k], rtol=0, atol=0, msg=k)
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(zero.patch_embed(x)[0], full.patch_embed(x)[0])
+    # and it trains end to end: gradients reach the first convolution
+    full.train()
+    full(x)["tokens"].sum().backward()
+    assert full.patch_embed.proj.levels[0][0][0].weight.grad.abs().sum() > 0
+
+
 @settings(max_examples=36, deadline=None)
 @given(h=st.integers(1, 3), w=st.integers(1, 3), f=st.sampled_from([2, 4]), c=st.sampled_from([4, 8]))
 def test_fine_tokens_layout(h, w, f, c):
@@ -107,6 +131,7 @@ def test_plain_encoder_unchanged_by_the_option():
         (dict(group_patch_size=3), "must divide patch_size"),
         (dict(group_patch_size=16), "must divide patch_size"),
         (dict(stem="conv", stem_depths=None), "configure stem='hybrid' only"),
+        (dict(stem="patch", stem_widths=None, stem_depths=None, stem_zero_init=False), "configure stem='hybrid' only"),
         (dict(stem_widths=[8, 16]), "needs 3 stem_widths"),
         (dict(img_size=36, patch_size=6), "power-of-2 patch size"),
     ],

@@ -9,6 +9,7 @@ image" (from the masks) on the first 512 eval images, as ``noun_auc.py`` scores 
 
     python docs/investigation/presence_probe.py --encoder groupvit --steps 300 --threads 1
     python docs/investigation/presence_probe.py --encoder cnn --steps 300 --threads 1
+    python docs/investigation/presence_probe.py --encoder trunk --steps 1000 --threads 1
 
 ``groupvit``: the tiny preset's GroupViT vision tower with ``stem=hybrid`` through its image head
 (the image embedding the contrastive loss sees; ``--pool``: ``assigned`` as the preset, or the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import torch
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixreorg.data.synthshapes import SynthShapes, SynthShapesEval, SynthShapesStream
+from mixreorg.nn.stem import ConvTrunk, ResidualConvBlock
 from mixreorg.recipes.builders import build_groupvit
 from mixreorg.recipes.config import apply_overrides, get_preset
 
@@ -62,6 +65,23 @@ class CNNEncoder(nn.Module):
         if self.pool == "max":  # a class is present if some location shows it (multiple-instance)
             return self.head(self.body(x)).amax((2, 3))
         return self.head(self.body(x).mean((2, 3), keepdim=True)).flatten(1)
+
+
+class TrunkEncoder(nn.Module):
+    """The hybrid stem's ConvTrunk alone (widths 32/64/128, 2 convolutions per level, stride 8),
+    mean pooled: what the GroupViT tower adds on top of it is then the difference between the rows."""
+
+    def __init__(self, widths: list[int], zero_init: bool = True) -> None:
+        super().__init__()
+        self.body = ConvTrunk(3, 128, widths, [2] * len(widths))
+        if not zero_init:  # residual branches start at full strength instead of as the identity
+            for m in self.body.modules():
+                if isinstance(m, ResidualConvBlock):
+                    nn.init.ones_(m.bn2.weight)
+        self.head = nn.Linear(128, len(NAMES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
 
 
 class GroupViTEncoder(nn.Module):
@@ -98,9 +118,15 @@ def evaluate(model: nn.Module, size: int = 512) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--encoder", choices=["groupvit", "cnn"], required=True)
+    p.add_argument("--encoder", choices=["groupvit", "cnn", "trunk"], required=True)
     p.add_argument("--pool", choices=["assigned", "mean", "max"], default=None,
                    help="groupvit: assigned (default) | mean; cnn: mean (default) | max")
+    p.add_argument("--trunk-widths", type=int, nargs="+", default=[32, 64, 128],
+                   help="trunk: channels per stride-2 level (the hybrid stem's: 32 64 128)")
+    p.add_argument("--cnn-widths", type=int, nargs="+", default=[32, 64, 128, 128],
+                   help="cnn: channels per level after the stride-2 stem (the yardstick's: 32 64 128 128, stride 16)")
+    p.add_argument("--trunk-full-init", action="store_true",
+                   help="trunk: residual blocks' last BatchNorm at 1 instead of 0 (identity) at init")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1)
@@ -110,7 +136,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     a.pool = a.pool or ("mean" if a.encoder == "cnn" else "assigned")
-    model = CNNEncoder(a.pool) if a.encoder == "cnn" else GroupViTEncoder(a.pool, a.set)
+    if a.encoder == "cnn":
+        model = CNNEncoder(a.pool, a.cnn_widths)
+    elif a.encoder == "trunk":
+        model = TrunkEncoder(a.trunk_widths, zero_init=not a.trunk_full_init)
+    else:
+        model = GroupViTEncoder(a.pool, a.set)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.05)
     warm = 50
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -127,6 +158,7 @@ def main() -> None:
         sched.step()
         if step % 100 == 0 and step < a.steps:
             curve[step] = round(sum(evaluate(model)[4:]) / 6, 3)
+            print(f"step {step} loss {loss.item():.4f} auc_things {curve[step]}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
     aucs = evaluate(model)
     print(json.dumps({"encoder": a.encoder, "pool": a.pool, "steps": a.steps, "train_s": round(wall, 1),

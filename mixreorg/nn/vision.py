@@ -90,6 +90,7 @@ class PatchEmbed(nn.Module):
         stem: str = "patch",
         stem_widths: Sequence[int] | None = None,
         stem_depths: Sequence[int] | None = None,
+        stem_zero_init: bool | None = None,
     ) -> None:
         super().__init__()
         self.img_size = _pair(img_size)
@@ -101,8 +102,10 @@ class PatchEmbed(nn.Module):
                 raise ValueError(f"image {name} {s} is not divisible by the patch size {p}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        if stem != "hybrid" and (stem_widths is not None or stem_depths is not None):
-            raise ValueError(f"stem_widths / stem_depths configure stem='hybrid' only, got stem={stem!r}")
+        if stem != "hybrid" and (stem_widths is not None or stem_depths is not None or stem_zero_init is not None):
+            raise ValueError(
+                f"stem_widths / stem_depths / stem_zero_init configure stem='hybrid' only, got stem={stem!r}"
+            )
         if stem == "patch":
             self.proj: nn.Module = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         elif stem == "conv":
@@ -129,7 +132,8 @@ class PatchEmbed(nn.Module):
                     f"stem='hybrid' with patch size {ph} needs {n} stem_widths (one per stride-2 level), got {widths}"
                 )
             depths = list(stem_depths) if stem_depths is not None else [2] * n
-            self.proj = ConvTrunk(in_chans, embed_dim, widths, depths)
+            zero_init = True if stem_zero_init is None else bool(stem_zero_init)
+            self.proj = ConvTrunk(in_chans, embed_dim, widths, depths, zero_init_residual=zero_init)
         else:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         self.norm = nn.LayerNorm(embed_dim)
@@ -390,7 +394,10 @@ class GroupViTVisionEncoder(nn.Module):
         attn_backend: ``"sdpa" | "xformers" | "auto"``; assign_impl: ``gumbel_assign`` backend.
         stem: ``"patch"`` (GroupViT's linear patch embedding), ``"conv"`` (a convolutional stem) or
             ``"hybrid"`` (a residual convolutional trunk), see :class:`PatchEmbed`; stem_widths /
-            stem_depths: the hybrid trunk's channels and convolutions per stride-2 level.
+            stem_depths: the hybrid trunk's channels and convolutions per stride-2 level;
+            stem_zero_init: its residual blocks start as the identity (None / True, the default) or at
+            full strength (False: learns the shapes faster from image-level labels, see
+            :class:`~mixreorg.nn.stem.ConvTrunk`).
         group_patch_size: patch size of the tokens the FIRST grouping block assigns (None: ``patch_size``).
             Smaller than ``patch_size`` (hybrid stem only): the blocks run on the ``patch_size`` grid and
             the grouping on a grid ``patch_size / group_patch_size`` times finer, built by
@@ -426,6 +433,7 @@ class GroupViTVisionEncoder(nn.Module):
         stem: str = "patch",
         stem_widths: Sequence[int] | None = None,
         stem_depths: Sequence[int] | None = None,
+        stem_zero_init: bool | None = None,
         group_patch_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -439,7 +447,8 @@ class GroupViTVisionEncoder(nn.Module):
         # registration order (patch_embed, pos_embed, fine_tokens, pos_drop, stages, norm) is the
         # state_dict order and the order of the random initialisation: checkpoints depend on it
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, stem=stem, stem_widths=stem_widths, stem_depths=stem_depths
+            img_size, patch_size, in_chans, embed_dim, stem=stem, stem_widths=stem_widths, stem_depths=stem_depths,
+            stem_zero_init=stem_zero_init,
         )
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
         self.fine_tokens: FineTokens | None = None
