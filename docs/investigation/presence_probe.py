@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixreorg.data.synthshapes import SynthShapes, SynthShapesEval, SynthShapesStream
-from mixreorg.nn.stem import ConvTrunk, ResidualConvBlock
+from mixreorg.nn.stem import ConvTrunk
 from mixreorg.recipes.builders import build_groupvit
 from mixreorg.recipes.config import apply_overrides, get_preset
 
@@ -73,11 +73,7 @@ class TrunkEncoder(nn.Module):
 
     def __init__(self, widths: list[int], zero_init: bool = True) -> None:
         super().__init__()
-        self.body = ConvTrunk(3, 128, widths, [2] * len(widths))
-        if not zero_init:  # residual branches start at full strength instead of as the identity
-            for m in self.body.modules():
-                if isinstance(m, ResidualConvBlock):
-                    nn.init.ones_(m.bn2.weight)
+        self.body = ConvTrunk(3, 128, widths, [2] * len(widths), zero_init_residual=zero_init)
         self.head = nn.Linear(128, len(NAMES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -84,11 +84,10 @@ class ConvTrunk(nn.Module):
         if any(w < 1 for w in widths) or any(d < 1 for d in depths):
             raise ValueError(f"ConvTrunk: widths and depths must be >= 1, got {widths} / {depths}")
         self.widths, self.depths = tuple(widths), tuple(depths)
-        self.zero_init_residual = bool(zero_init_residual)
         levels: list[nn.Module] = []
         prev = in_chans
         for w, d in zip(widths, depths):
-            blocks = (ResidualConvBlock(w, zero_init=self.zero_init_residual) for _ in range(d - 1))
+            blocks = (ResidualConvBlock(w, zero_init=zero_init_residual) for _ in range(d - 1))
             levels.append(nn.Sequential(ConvBNReLU(prev, w, stride=2), *blocks))
             prev = w
         self.levels = nn.ModuleList(levels)
