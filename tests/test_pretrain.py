@@ -521,7 +521,8 @@ def test_supervised_aux_loss_reads_the_first_stage_patches(tmp_path: Path) -> No
     model = build_model(cfg).eval()
     assert isinstance(model, SupervisedSegmenter) and model.aux_weight == 0.5
     images = torch.randn(4, 3, 32, 32)
-    out, patches = model._encode_with_patches(images)
+    out, patches, aux_grid = model._encode_with_patches(images)
+    assert aux_grid == (4, 4)
     ref = model.encode_image(images, return_maps=True)
     torch.testing.assert_close(out["seg_embed"], ref["seg_embed"])
     torch.testing.assert_close(out["soft_maps"][0], ref["soft_maps"][0])
@@ -543,6 +544,35 @@ def test_supervised_aux_loss_reads_the_first_stage_patches(tmp_path: Path) -> No
         SupervisedSegmenter(model.groupvit, model.class_names, head="patches", aux_weight=1.0)
     with pytest.raises(ValueError, match="supervised_aux"):
         tiny_config(tmp_path / "bad", **{"model.supervised_aux": -1.0})
+
+
+def test_supervised_aux_on_the_fine_grid_reads_the_tokens_the_grouping_assigns(tmp_path: Path) -> None:
+    """``model.supervised_aux_tokens=fine`` (with ``group_patch_size``): the auxiliary loss reads the
+    fine-grid tokens the first grouping block assigns, on the maps' grid, and trains the trunk's skip
+    projection; without a fine grid it is refused with the reason."""
+    from mixreorg.nn.supervised import SupervisedSegmenter
+
+    over = {"model.name": "supervised", "model.supervised_aux": 1.0, "model.supervised_aux_tokens": "fine",
+            "model.vision.stem": "hybrid", "model.vision.patch_size": 8, "model.vision.group_patch_size": 4}
+    cfg = tiny_config(tmp_path / "fine", **over)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert isinstance(model, SupervisedSegmenter) and model.aux_tokens == "fine"
+    images = torch.randn(2, 3, 32, 32)
+    out, tokens, grid = model._encode_with_patches(images)
+    assert grid == tuple(out["grid"]) == (8, 8)  # the 4x4 token grid, twice as fine
+    assert tokens.shape == (2, 64, model.groupvit.vision.width)
+    assert out["soft_maps"][0].shape[-1] == 64  # the grouping assigned exactly these tokens
+    # the fine tokens are what the grouping's keys read: they depend on the trunk's skip projection
+    _, aux_logits = model.pixel_logits(images, with_aux=True)
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(aux_logits, torch.randint(0, 10, (2, 32, 32))).backward()
+    assert model.groupvit.vision.fine_tokens.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="group_patch_size"):
+        SupervisedSegmenter(build_model(tiny_config(tmp_path / "c", **{"model.name": "supervised"})).groupvit,
+                            model.class_names, aux_weight=1.0, aux_tokens="fine")
+    with pytest.raises(ValueError, match="supervised_aux_tokens must be stage1\\|fine"):
+        tiny_config(tmp_path / "bad", **{"model.supervised_aux_tokens": "embed"})
 
 
 def test_runs_with_deit_augmentation_are_reproducible_across_processes(tmp_path: Path) -> None:

@@ -25,10 +25,11 @@ from torch import nn
 
 from .groupvit import GroupViT
 
-__all__ = ["SupervisedSegmenter", "SupervisedInference", "SUPERVISED_HEADS", "SUPERVISED_MAPS"]
+__all__ = ["SupervisedSegmenter", "SupervisedInference", "SUPERVISED_HEADS", "SUPERVISED_MAPS", "SUPERVISED_AUX_TOKENS"]
 
 SUPERVISED_HEADS = ("groups", "patches")
 SUPERVISED_MAPS = ("soft", "hard")
+SUPERVISED_AUX_TOKENS = ("stage1", "fine")
 
 
 class SupervisedInference(nn.Module):
@@ -82,6 +83,12 @@ class SupervisedSegmenter(nn.Module):
         head: ``"groups"`` (default: through the grouping, as zero-shot inference reads the model) or
             ``"patches"`` (every patch token after the first stage's blocks, before any grouping, is its
             own segment: a plain ViT trained with masks, to tell what the grouping bottleneck costs).
+        aux_weight: weight of an auxiliary per-patch cross-entropy (deep supervision of the tokens the
+            grouping assigns), through the same final norm, image head and class embeddings (0: none).
+        aux_tokens: which tokens it reads: ``"stage1"`` (the first stage's patch tokens after its
+            blocks, on the transformer's grid) or ``"fine"`` (with ``group_patch_size``: the finer-grid
+            tokens the first grouping block actually assigns, so the loss resolves outlines as finely
+            as the maps do).
     """
 
     #: the training loop adds ``batch["masks"]`` only for models that declare this
@@ -89,7 +96,7 @@ class SupervisedSegmenter(nn.Module):
 
     def __init__(
         self, groupvit: GroupViT, class_names: Sequence[str], ignore_index: int = 255, head: str = "groups",
-        maps: str = "soft", aux_weight: float = 0.0,
+        maps: str = "soft", aux_weight: float = 0.0, aux_tokens: str = "stage1",
     ) -> None:
         super().__init__()
         if len(set(class_names)) != len(class_names) or not class_names:
@@ -100,7 +107,12 @@ class SupervisedSegmenter(nn.Module):
             raise ValueError(f"maps must be one of {SUPERVISED_MAPS}, got {maps!r}")
         if aux_weight < 0 or (aux_weight > 0 and head != "groups"):
             raise ValueError(f"aux_weight must be >= 0 and needs head='groups', got {aux_weight} with head={head!r}")
+        if aux_tokens not in SUPERVISED_AUX_TOKENS:
+            raise ValueError(f"aux_tokens must be one of {SUPERVISED_AUX_TOKENS}, got {aux_tokens!r}")
+        if aux_tokens == "fine" and getattr(groupvit.vision, "fine_tokens", None) is None:
+            raise ValueError("aux_tokens='fine' needs an encoder that groups a finer grid (model.vision.group_patch_size)")
         self.aux_weight = float(aux_weight)
+        self.aux_tokens = aux_tokens
         self.head = head
         self.maps = maps
         self.groupvit = groupvit
@@ -159,11 +171,13 @@ class SupervisedSegmenter(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"groupvit.vision.{n}" for n in self.groupvit.vision.no_weight_decay()} | {"class_embed"}
 
-    def _encode_with_patches(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """:meth:`GroupViT.encode_image` (with maps) and the first stage's patch tokens ``[B, L, C]``
-        (after its blocks, before the grouping), for the auxiliary per-patch loss."""
+    def _encode_with_patches(self, images: torch.Tensor) -> tuple[dict, torch.Tensor, tuple[int, int]]:
+        """:meth:`GroupViT.encode_image` (with maps), the tokens the auxiliary per-patch loss reads
+        (``aux_tokens``: ``[B, L, C]`` stage-1 patches or ``[B, L*f*f, C]`` fine tokens) and their grid."""
         out = self.groupvit.encode_image(images, return_maps=True)
-        return out, out["stage1_tokens"]
+        if self.aux_tokens == "fine":
+            return out, out["fine_tokens"], tuple(out["grid"])
+        return out, out["stage1_tokens"], self.groupvit.vision.patch_embed.grid_for(images)
 
     def patch_logits(self, patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         """Stage-1 patch tokens ``[B, L, C]`` -> per-pixel logits ``[B, K, H, W]`` through the image head."""
@@ -179,7 +193,7 @@ class SupervisedSegmenter(nn.Module):
         ``with_aux``, the auxiliary per-patch logits ``[B, K, H, W]``)."""
         size = tuple(images.shape[-2:])
         if with_aux:
-            out, patches = self._encode_with_patches(images)
+            out, patches, aux_grid = self._encode_with_patches(images)
         else:
             out = self.encode_image(images, return_maps=True)
         if self.maps == "hard" and self.training:
@@ -187,7 +201,7 @@ class SupervisedSegmenter(nn.Module):
         logits = self.groupvit.segmentation_logits_from(out, self.class_embeddings(), size)
         if not with_aux:
             return logits
-        return logits, self.patch_logits(patches, self.groupvit.vision.patch_embed.grid_for(images), size)
+        return logits, self.patch_logits(patches, aux_grid, size)
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         masks = batch.get("masks")

@@ -584,6 +584,7 @@ class GroupViTVisionEncoder(nn.Module):
         """
         hard_maps: list[torch.Tensor] = []
         soft_maps: list[torch.Tensor] = []
+        fine = None
         if i == 0 and self.fine_tokens is not None:
             if skip is None or grid is None:
                 raise ValueError(
@@ -592,6 +593,7 @@ class GroupViTVisionEncoder(nn.Module):
             x = self.fine_tokens(x, skip, grid)  # [B, L*f*f, C]
             f = self.fine_tokens.factor
             grid = (grid[0] * f, grid[1] * f)
+            fine = x
         st = self.stages[i]
         if st.downsample is not None:
             x, hard, soft = st.group(x, group_tokens)
@@ -604,13 +606,16 @@ class GroupViTVisionEncoder(nn.Module):
                 hard_maps.append(hard)
                 soft_maps.append(soft)
         tokens, pooled = self.head(x)
-        return {
+        out = {
             "tokens": tokens,
             "pooled": pooled,
             "hard_maps": hard_maps if return_maps else [],
             "soft_maps": soft_maps if return_maps else [],
             "grid": grid,
         }
+        if fine is not None:
+            out["fine_tokens"] = fine  # [B, L*f*f, C] what the first grouping assigned, on `grid`
+        return out
 
     def forward_from_stage1_output(
         self,
@@ -637,7 +642,8 @@ class GroupViTVisionEncoder(nn.Module):
         [B, L, C]`` (the first stage's patch tokens after its blocks, before any grouping: what
         per-patch losses read; no extra compute) and ``embed_tokens [B, L, C]`` (the embedded patches
         with their positions, before any block: local features, for a per-patch loss that must stay
-        local).
+        local). With ``group_patch_size`` also ``fine_tokens [B, L*f*f, C]``: the fine-grid tokens the
+        first grouping assigned, in row-major order of the returned ``grid``.
         """
         grid = self.patch_embed.grid_for(images)
         x0, skip = self.embed_with_skip(images)

@@ -102,6 +102,8 @@ class ModelConfig:
         pixel gets its argmax group's logits, as zero-shot inference labels it).
     supervised_aux: ``--model supervised`` only: weight of an auxiliary per-patch cross-entropy on the
         first stage's patch tokens (through the same image head and class embeddings; 0: none).
+    supervised_aux_tokens: ``--model supervised`` only: the tokens that auxiliary loss reads, ``"stage1"``
+        or ``"fine"`` (the finer grid the first grouping assigns; needs ``vision.group_patch_size``).
     """
 
     name: str = "groupvit"
@@ -117,6 +119,7 @@ class ModelConfig:
     supervised_head: str = "groups"
     supervised_maps: str = "soft"
     supervised_aux: float = 0.0
+    supervised_aux_tokens: str = "stage1"
 
 
 PATCH_LABEL_TOKENS = ("stage1", "embed")  # the patches objective.patch_label_weight scores
@@ -277,6 +280,10 @@ class PretrainConfig:
             problems.append(f"model.supervised_maps must be soft|hard, got {self.model.supervised_maps!r}")
         if not self.model.supervised_aux >= 0:
             problems.append(f"model.supervised_aux must be >= 0, got {self.model.supervised_aux!r}")
+        if self.model.supervised_aux_tokens not in ("stage1", "fine"):
+            problems.append(
+                f"model.supervised_aux_tokens must be stage1|fine, got {self.model.supervised_aux_tokens!r}"
+            )
         if self.objective.multi_label_pool not in ("image", "max_segment"):
             problems.append(
                 f"objective.multi_label_pool must be image|max_segment, got {self.objective.multi_label_pool!r}"

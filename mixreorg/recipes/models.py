@@ -139,7 +139,8 @@ def _build_supervised_trainer(cfg: PretrainConfig) -> nn.Module:
             f"got {cfg.data.augment!r}"
         )
     return SupervisedSegmenter(build_groupvit(cfg), SynthShapes.CLASS_NAMES, head=cfg.model.supervised_head,
-                               maps=cfg.model.supervised_maps, aux_weight=cfg.model.supervised_aux)
+                               maps=cfg.model.supervised_maps, aux_weight=cfg.model.supervised_aux,
+                               aux_tokens=cfg.model.supervised_aux_tokens)
 
 
 def table6_builder(row: str) -> Callable[[PretrainConfig], nn.Module]:
