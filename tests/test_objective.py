@@ -183,6 +183,29 @@ def test_patch_label_term_trains_the_patches_and_needs_them() -> None:
         ContrastiveObjective(patch_label_weight=-1.0)
 
 
+def test_patch_mean_term_is_the_objective_of_the_mean_patch_embedding() -> None:
+    """``patch_mean``: the caption + prompt losses of the normalised mean patch embedding, equal to a
+    second objective run on that vector as the image embedding; it trains the patches and needs them."""
+    img, txt = _embeds()
+    prompts = _prompts()
+    g = torch.Generator().manual_seed(11)
+    patches = F.normalize(torch.randn(6, 5, 8, generator=g), dim=-1).requires_grad_()
+    scale = torch.tensor(math.log(10.0))
+    obj = ContrastiveObjective(multi_label_weight=0.7, patch_mean_weight=0.5)
+    assert obj.reads_patches and not ContrastiveObjective().reads_patches
+    out = obj(img, txt, logit_scale=scale, prompt_embed=prompts, patch_embed=patches)
+    mean = F.normalize(patches.mean(1), dim=-1)
+    ref = ContrastiveObjective(multi_label_weight=0.7)(mean, txt, logit_scale=scale, prompt_embed=prompts)
+    torch.testing.assert_close(out["patch_mean"], ref["loss"])
+    torch.testing.assert_close(out["loss"], out["itc"] + 0.7 * out["ml"] + 0.5 * out["patch_mean"])
+    out["patch_mean"].backward()
+    assert patches.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="patch_mean_weight > 0 needs patch_embed"):
+        obj(img, txt, logit_scale=scale, prompt_embed=prompts)
+    with pytest.raises(ValueError, match="patch_mean_weight must be >= 0"):
+        ContrastiveObjective(patch_mean_weight=-0.1)
+
+
 def test_prompt_uniformity_keeps_distinct_nouns_apart() -> None:
     """``prompt_uniformity_weight``: ``log mean exp(-2 |p_a - p_b|^2)`` over prompt pairs with
     different keys, by hand; prompts of one noun (one text) are not pushed apart; it needs the keys."""

@@ -639,3 +639,33 @@ def test_patch_label_term_reads_the_first_stage_patches(tmp_path: Path) -> None:
     assert gv.vision.stages[0].downsample.assign.q.weight.grad is None  # the grouping is not in its path
     with pytest.raises(ValueError, match="patch_label_weight must be >= 0"):
         tiny_config(tmp_path / "bad", **{"objective.patch_label_weight": -1.0})
+
+
+@pytest.mark.parametrize("name", ["groupvit", "mixreorg"])
+def test_patch_mean_term_reads_the_first_stage_patches(tmp_path: Path, name: str) -> None:
+    """``objective.patch_mean_weight=w`` on the GroupViT and MixReorg trainers: the loss gains ``w``
+    times the objective of the mean stage-1 patch embedding (each contrasted branch's own), which
+    trains the first stage's blocks without the grouping; bad values are refused."""
+    from mixreorg.recipes.data import BatchBuilder, build_stream
+
+    extra = {"model.mixreorg": {"group_size": 4}} if name == "mixreorg" else {}
+    cfg = tiny_config(tmp_path / name, **{"model.name": name, "objective.patch_mean_weight": 0.5, **extra})
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = BatchBuilder(cfg, cfg.model.text["context_length"])(next(iter(build_stream(cfg, 8, 0, 1))), 0)
+    if hasattr(model, "prepare_batch"):
+        batch = model.prepare_batch(batch)
+    out = model.training_losses(batch)
+    key = "patch_mean" if name == "groupvit" else "original/patch_mean"
+    assert key in out and torch.isfinite(out[key])
+    if name == "groupvit":
+        torch.testing.assert_close(out["loss"], out["itc"] + out["ml"] + 0.5 * out["patch_mean"])
+        enc = model.groupvit.vision
+    else:
+        assert "restored/patch_mean" in out
+        enc = model.model.vision
+    model.zero_grad()
+    out[key].backward()
+    assert enc.stages[0].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="patch_mean_weight must be >= 0"):
+        tiny_config(tmp_path / "bad", **{"objective.patch_mean_weight": -1.0})

@@ -110,7 +110,7 @@ class MixReorgLoss(nn.Module):
         self.seg_weight, self.original_weight, self.restored_weight = seg_weight, original_weight, restored_weight
         self.patch_seg_weight = float(patch_seg_weight)
         self._reads_segments = getattr(self.contrastive, "multi_label_pool", "image") == "max_segment"
-        self.reads_patches = getattr(self.contrastive, "patch_label_weight", 0.0) > 0
+        self.reads_patches = bool(getattr(self.contrastive, "reads_patches", False))
         self.merge_duplicate_captions = merge_duplicate_captions
 
     def forward(self, out: dict, caption_keys: torch.Tensor | None = None, **contrastive_kwargs) -> dict:
@@ -125,8 +125,9 @@ class MixReorgLoss(nn.Module):
             seg = {"seg_embed": out[name]["seg_embed"]} if self._reads_segments else {}
             if self.reads_patches:  # a per-patch prompt term reads this branch's own patches
                 if out[name].get("patch_embed") is None:
-                    raise ValueError(f"the objective's patch_label_weight needs out[{name!r}]['patch_embed']: "
-                                     "call MixReorg.forward(..., branch_patches='stage1'|'embed')")
+                    raise ValueError(f"the objective's patch_label_weight / patch_mean_weight needs "
+                                     f"out[{name!r}]['patch_embed']: call MixReorg.forward(..., "
+                                     "branch_patches='stage1'|'embed')")
                 seg["patch_embed"] = out[name]["patch_embed"]
             c = self.contrastive(out[name]["image_embed"], out["text_embed"], **seg, **kw)
             total = total + w * c["loss"]

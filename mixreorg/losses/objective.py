@@ -23,6 +23,12 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
   noun-discriminative: the text-supervised counterpart of deep supervision. Not in the paper. On the
   tiny recipe (docs/investigation/LOG.md, session 6) it breaks the one-group collapse (4 groups used
   per image instead of 1) but does not teach the shapes in 300 steps.
+* ``patch_mean_weight`` (default 0, off) [R]: the caption and prompt losses once more on the MEAN
+  of the patch embeddings (``patch_embed``), i.e. the image vector without the grouping: deep
+  supervision of the tokens the grouping assigns, the text-supervised counterpart of the supervised
+  bound's ``supervised_aux``. On the tiny recipe the grouped image vector does not learn the shapes
+  from image-level labels while the mean of the same patch tokens does (docs/investigation/LOG.md,
+  session 7). Not in the paper.
 * ``prompt_uniformity_weight`` (default 0, off) [R]: Wang & Isola's uniformity,
   ``log mean exp(-2 ||p_a - p_b||^2)`` over the pairs of prompt embeddings with DIFFERENT keys (nouns),
   which keeps distinct nouns apart in the text space. Without it the tiny recipe's text tower maps
@@ -133,6 +139,8 @@ class ContrastiveObjective(nn.Module):
         prompt_uniformity_weight: weight of the uniformity of the prompts with different keys [R].
         patch_label_weight: weight of the prompt loss scored by the best PATCH (needs ``patch_embed``;
             0: off, the paper) [R].
+        patch_mean_weight: weight of the caption + prompt losses of the mean patch embedding (needs
+            ``patch_embed``; 0: off, the paper) [R].
         bias_init: initial bias of the sigmoid form for the captions (SigLIP: -10, i.e. about
             ``-log(batch)`` of a 32k batch); ml_bias_init: the prompts' bias (default: ``bias_init``).
         learn_bias: make the biases learnable (sigmoid form).
@@ -147,7 +155,7 @@ class ContrastiveObjective(nn.Module):
                   prompt_keys: list[list[hashable]] | LongTensor [B, K] | None = None,
                   label_keys: list[iterable[hashable]] | LongTensor [B, M] | None = None,
                   seg_embed [B, S, D] | None = None, patch_embed [B, L, D] | None = None)
-        -> dict(loss, itc, [ml], [patch_ml], [uniformity], acc_i2t, acc_t2i, scale, [bias])
+        -> dict(loss, itc, [ml], [patch_ml], [patch_mean], [uniformity], acc_i2t, acc_t2i, scale, [bias])
 
     ``logit_scale`` / ``multi_label_scale`` are LOG-space scalars (the model's parameters).
     ``prompt_keys[j][k]`` names prompt ``(j, k)`` (its noun); ``label_keys[i]`` lists what image ``i``
@@ -166,6 +174,7 @@ class ContrastiveObjective(nn.Module):
         multi_label_pool: str = "image",
         patch_label_weight: float = 0.0,
         prompt_uniformity_weight: float = 0.0,
+        patch_mean_weight: float = 0.0,
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -181,6 +190,8 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"prompt_uniformity_weight must be >= 0, got {prompt_uniformity_weight!r}")
         if not patch_label_weight >= 0:
             raise ValueError(f"patch_label_weight must be >= 0, got {patch_label_weight!r}")
+        if not patch_mean_weight >= 0:
+            raise ValueError(f"patch_mean_weight must be >= 0, got {patch_mean_weight!r}")
         if multi_label_weight < 0:
             raise ValueError(f"multi_label_weight must be >= 0, got {multi_label_weight}")
         self.loss_form = loss
@@ -189,6 +200,7 @@ class ContrastiveObjective(nn.Module):
         self.multi_label_pool = multi_label_pool
         self.patch_label_weight = float(patch_label_weight)
         self.prompt_uniformity_weight = float(prompt_uniformity_weight)
+        self.patch_mean_weight = float(patch_mean_weight)
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -203,8 +215,14 @@ class ContrastiveObjective(nn.Module):
         return (
             f"loss={self.loss_form!r}, multi_positive={self.multi_positive}, "
             f"multi_label_weight={self.multi_label_weight}, multi_label_pool={self.multi_label_pool!r}, "
-            f"patch_label_weight={self.patch_label_weight}, prompt_uniformity_weight={self.prompt_uniformity_weight}"
+            f"patch_label_weight={self.patch_label_weight}, prompt_uniformity_weight={self.prompt_uniformity_weight}, "
+            f"patch_mean_weight={self.patch_mean_weight}"
         )
+
+    @property
+    def reads_patches(self) -> bool:
+        """Whether ``forward`` needs ``patch_embed`` (a per-patch or mean-patch term is on)."""
+        return self.patch_label_weight > 0 or self.patch_mean_weight > 0
 
     def _label_ids(self, label_keys: Sequence[Iterable[Hashable]] | torch.Tensor, batch: int, device) -> torch.Tensor:
         """``[B, M]`` ids of every image's label keys (-1 = padding), the same M on every rank."""
@@ -276,6 +294,17 @@ class ContrastiveObjective(nn.Module):
             patch_ml = self._multi_label(image_embed, prompt_embed, patch_embed, ml_log_scale, prompt_keys, label_keys)
             out["patch_ml"] = patch_ml
             loss = loss + self.patch_label_weight * patch_ml
+        if self.patch_mean_weight > 0:
+            _check_parts(patch_embed, batch, dim, "patch_mean_weight > 0 needs patch_embed", "patch")
+            mean_embed = F.normalize(patch_embed.mean(1), dim=-1)  # [B, D] the image vector without the grouping
+            term, _, _ = caption_loss(
+                mean_embed, text_embed, scale, ids=ids, form=self.loss_form, bias=self.bias, gather=self.gather
+            )
+            if self.multi_label_weight > 0:
+                term = term + self.multi_label_weight * self._multi_label(
+                    mean_embed, prompt_embed, None, ml_log_scale, prompt_keys, label_keys)
+            out["patch_mean"] = term
+            loss = loss + self.patch_mean_weight * term
         if self.prompt_uniformity_weight > 0:
             uni = self._prompt_uniformity(prompt_embed, prompt_keys)
             out["uniformity"] = uni

@@ -87,7 +87,7 @@ class GroupViTPretrainer(nn.Module):
         needs_seg = self.objective.multi_label_pool == "max_segment" and self.objective.multi_label_weight > 0
         vis = gv.encode_image(images, return_maps=needs_seg)
         prompts = batch.get("prompts")
-        patch_labels = getattr(self.objective, "patch_label_weight", 0.0) > 0
+        patch_labels = bool(getattr(self.objective, "reads_patches", False))  # a per-patch or mean-patch term
         use_prompts = (self.objective.multi_label_weight > 0 or patch_labels
                        or getattr(self.objective, "prompt_uniformity_weight", 0.0) > 0)
         if use_prompts and prompts is None:
