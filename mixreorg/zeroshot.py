@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from mixreorg.losses.contrastive import MAX_LOGIT_SCALE, logit_scale_value
 from mixreorg.nn.groupvit import assignment_to_image, compose_assignments
+from mixreorg.ops.utils import first_argmax
 from mixreorg.text.prompts import SEGMENTATION_TEMPLATES
 from mixreorg.text.tokenizer import CONTEXT_LENGTH, get_tokenizer
 
@@ -329,7 +330,7 @@ def segment(
             logits = _segment_slide(model, x, text, scale, crop_hw, stride_hw, crop_batch, **kw)
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return logits.argmax(dim=1) if return_labels else logits
+    return first_argmax(logits, dim=1) if return_labels else logits
 
 
 def _segment_slide(model, x, text, scale, crop_hw, stride_hw, crop_batch, **kw) -> torch.Tensor:

@@ -172,3 +172,26 @@ def test_check_index_range_names_tensor_entry_value_and_range():
     with pytest.raises(ValueError, match=r"op: a\[1\] = -2 .*got values in \[-2, 4\]"):
         check_index_range("op", [("a", torch.tensor([0, -2, 4]))], 5)
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    data=st.data(),
+    levels=st.integers(1, 4),
+    keepdim=st.booleans(),
+)
+def test_first_argmax_is_torch_argmax_on_ties_and_nans(shape, data, levels, keepdim) -> None:
+    """``first_argmax`` returns exactly ``torch.argmax``'s indices over any dimension: the first
+    maximum on ties (few distinct values make many) and NaN counted as the maximum."""
+    from mixreorg.ops.utils import first_argmax
+
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    seed = data.draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, shape, generator=g).float()
+    if data.draw(st.booleans()):
+        x[torch.rand(shape, generator=g) < 0.2] = float("nan")
+    for t in (x, x.transpose(0, -1)):  # contiguous and strided inputs
+        out = first_argmax(t, dim, keepdim=keepdim)
+        assert torch.equal(out, torch.argmax(t, dim=dim, keepdim=keepdim))

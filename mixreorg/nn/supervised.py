@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.utils import first_argmax
 from .groupvit import GroupViT
 
 __all__ = ["SupervisedSegmenter", "SupervisedInference", "SUPERVISED_HEADS", "SUPERVISED_MAPS", "SUPERVISED_AUX_TOKENS"]
@@ -222,7 +223,7 @@ class SupervisedSegmenter(nn.Module):
             loss = loss + self.aux_weight * aux
         with torch.no_grad():
             valid = masks != self.ignore_index
-            acc = (logits.argmax(1) == masks)[valid].float().mean()
+            acc = (first_argmax(logits, 1) == masks)[valid].float().mean()
         out = {"loss": loss, "pixel_acc": float(acc), "scale": float(self.scale().detach())}
         if aux is not None:
             out.update(seg_loss=seg_loss.detach(), aux_loss=aux.detach())  # the loop reads them once per log record

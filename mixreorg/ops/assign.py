@@ -68,6 +68,7 @@ import math
 import torch
 
 from ._dispatch import has_triton, select_impl
+from .utils import first_argmax
 
 __all__ = ["gumbel_assign", "gumbel_assign_reference", "sample_gumbel"]
 
@@ -443,7 +444,7 @@ def gumbel_assign_reference(
     z = z.clamp(-_LIM, _LIM)
     y = torch.softmax(z, dim=-2)  # [B, S, N] over groups
     if hard:
-        index = z.argmax(dim=-2, keepdim=True)  # [B, 1, N], first max on ties
+        index = first_argmax(z, dim=-2, keepdim=True)  # [B, 1, N], first max on ties
         y_hard = torch.zeros_like(y).scatter_(-2, index, 1.0)
         a = y_hard - y.detach() + y  # straight-through
     else:

@@ -4,7 +4,14 @@ Triton helpers (``@triton.jit``, defined only where triton imports): tile offset
 loads, Philox Gumbel noise, the exact upcast to float32 and the float32 -> bfloat16 rounding
 every kernel stores through.
 Host helpers: a torch emulation of that rounding (bit for bit, for tests and CPU checks), the
-validation of flat index tensors, and :func:`empty_output`, the allocation of large CPU outputs.
+validation of flat index tensors, :func:`empty_output`, the allocation of large CPU outputs, and
+:func:`first_argmax`, an arg-max over any dimension at the speed of a contiguous one.
+
+Arg-max over a non-innermost dimension. On CPU ``torch.argmax(x, dim)`` over a strided dimension
+(the class axis of ``[B, K, H, W]`` logits, the group axis of ``[B, S, N]`` assignment logits) runs
+7-12x slower than ``torch.max(x, dim).indices``, which returns the same indices (the first maximum
+on ties, NaN counted as the maximum): at 2 threads 43 ms vs 5.7 ms for ``[64, 10, 64, 64]``, 3.0 vs
+0.24 ms for ``[64, 8, 256]`` -- 7% of the supervised bound's training step.
 
 Large CPU outputs. glibc serves every allocation of 32 MiB or more with a fresh ``mmap``, so the
 first write to each 4 KiB page of a new output takes a page fault in which the kernel zeroes it;
@@ -30,7 +37,7 @@ import torch
 from ._dispatch import has_triton
 
 __all__ = ["BF16_NAN_BITS", "HUGE_PAGE_MIN_BYTES", "f32_to_bf16_rtne_torch", "check_index_tensor",
-           "check_index_range", "empty_output", "huge_page_range"]
+           "check_index_range", "empty_output", "huge_page_range", "first_argmax"]
 
 BF16_NAN_BITS = 0x7FC0  # the quiet NaN every NaN rounds to
 
@@ -47,6 +54,13 @@ def f32_to_bf16_rtne_torch(x: torch.Tensor) -> torch.Tensor:
     rounded = torch.where(torch.isnan(x), BF16_NAN_BITS, rounded)
     signed = rounded - ((rounded >> 15) << 16)  # the same 16 bits as an int16 value
     return signed.to(torch.int16).view(torch.bfloat16)
+
+
+def first_argmax(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """``torch.argmax(x, dim, keepdim)`` (the first maximum on ties, NaN counted as the maximum),
+    computed as ``torch.max(x, dim).indices``: the same indices, 7-12x faster on CPU over a strided
+    dimension (see the module docstring)."""
+    return torch.max(x, dim=dim, keepdim=keepdim).indices
 
 
 def check_index_tensor(op: str, name: str, index: object, length: int, device: torch.device) -> None:
