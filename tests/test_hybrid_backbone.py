@@ -182,3 +182,36 @@ def test_mixreorg_on_fine_grouping():
     a, b = model.encode_image(images, return_maps=True), gvp.encode_image(images, return_maps=True)
     torch.testing.assert_close(a["soft_maps"][0], b["soft_maps"][0])
     assert a["grid"] == (8, 8)
+
+
+def test_tiny_hybrid_presets_are_the_tiny_ones_on_the_hybrid_backbone():
+    """``tiny_hybrid`` / ``tiny_hybrid_mixreorg`` differ from ``tiny`` / ``tiny_mixreorg`` only in the
+    backbone and the supervised bound's switches, and every trainer model builds on them and groups
+    the 16x16 grid of a 64-pixel image."""
+    from mixreorg.recipes.config import get_preset
+    from mixreorg.recipes.models import build_model
+
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    for new, old in (("tiny_hybrid", "tiny"), ("tiny_hybrid_mixreorg", "tiny_mixreorg")):
+        a, b = flat(get_preset(new).to_dict()), flat(get_preset(old).to_dict())
+        changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+        assert changed == {"preset", "train.out_dir", "model.vision.stem", "model.vision.stem_depths",
+                           "model.vision.stem_zero_init", "model.vision.group_patch_size",
+                           "model.supervised_maps", "model.supervised_aux"}, changed
+    images = torch.rand(2, 3, 64, 64)
+    for name in ("groupvit", "mixreorg", "supervised"):
+        cfg = get_preset("tiny_hybrid")
+        cfg.model.name = name
+        if name == "mixreorg":
+            cfg.model.mixreorg = dict(group_size=2)
+        torch.manual_seed(0)
+        model = build_model(cfg.validate())
+        enc = model.inference_model().vision if hasattr(model, "inference_model") else model.groupvit.vision
+        assert enc.fine_tokens is not None and enc.patch_embed.proj.__class__.__name__ == "ConvTrunk"
+        out = enc.eval()(images, return_maps=True)
+        assert out["grid"] == (16, 16) and out["soft_maps"][0].shape == (2, 8, 256)
