@@ -24,6 +24,7 @@ OPTIONS = {
     "hybrid trunk": {"stem": "hybrid"},
     "hybrid + 16x16 grouping": {"stem": "hybrid", "group_patch_size": 4},
     "cheap hybrid, 2+2 blocks": {"stem": "hybrid", "stem_depths": [1, 2, 2], "depths": [2, 2]},
+    "tiny_hybrid preset": {"stem": "hybrid", "stem_depths": [1, 2, 2], "group_patch_size": 4},
 }
 
 
