@@ -203,6 +203,10 @@ def test_tiny_hybrid_presets_are_the_tiny_ones_on_the_hybrid_backbone():
         assert changed == {"preset", "train.out_dir", "model.vision.stem", "model.vision.stem_depths",
                            "model.vision.stem_zero_init", "model.vision.group_patch_size",
                            "model.supervised_maps", "model.supervised_aux"}, changed
+    a, b = flat(get_preset("tiny_hybrid_supervised").to_dict()), flat(get_preset("tiny_hybrid").to_dict())
+    assert {k for k in a if a[k] != b[k]} == {"preset", "train.out_dir", "model.name", "train.batch_size",
+                                               "optim.base_batch", "optim.warmup_steps", "train.steps",
+                                               "train.time_limit"}
     images = torch.rand(2, 3, 64, 64)
     for name in ("groupvit", "mixreorg", "supervised"):
         cfg = get_preset("tiny_hybrid")
