@@ -111,7 +111,9 @@ class SupervisedSegmenter(nn.Module):
         if aux_tokens not in SUPERVISED_AUX_TOKENS:
             raise ValueError(f"aux_tokens must be one of {SUPERVISED_AUX_TOKENS}, got {aux_tokens!r}")
         if aux_tokens == "fine" and getattr(groupvit.vision, "fine_tokens", None) is None:
-            raise ValueError("aux_tokens='fine' needs an encoder that groups a finer grid (model.vision.group_patch_size)")
+            raise ValueError(
+                "aux_tokens='fine' needs an encoder that groups a finer grid (model.vision.group_patch_size)"
+            )
         self.aux_weight = float(aux_weight)
         self.aux_tokens = aux_tokens
         self.head = head
