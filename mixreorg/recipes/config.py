@@ -460,13 +460,17 @@ def _tiny() -> PretrainConfig:
     )
 
 
-def _tiny_mixreorg() -> PretrainConfig:
-    cfg = _tiny()
-    cfg.preset = "tiny_mixreorg"
+def _as_mixreorg(cfg: PretrainConfig) -> PretrainConfig:
+    """A tiny preset's MixReorg twin: ``model.name="mixreorg"`` with G = 8, everything else the same."""
+    cfg.preset = f"{cfg.preset}_mixreorg"
     cfg.model.name = "mixreorg"
     cfg.model.mixreorg = dict(group_size=8)
-    cfg.train.out_dir = "runs/tiny_mixreorg"
+    cfg.train.out_dir = f"runs/{cfg.preset}"
     return cfg
+
+
+def _tiny_mixreorg() -> PretrainConfig:
+    return _as_mixreorg(_tiny())
 
 
 def _tiny_hybrid() -> PretrainConfig:
@@ -511,12 +515,7 @@ def _tiny_hybrid_supervised() -> PretrainConfig:
 
 
 def _tiny_hybrid_mixreorg() -> PretrainConfig:
-    cfg = _tiny_hybrid()
-    cfg.preset = "tiny_hybrid_mixreorg"
-    cfg.model.name = "mixreorg"
-    cfg.model.mixreorg = dict(group_size=8)
-    cfg.train.out_dir = "runs/tiny_hybrid_mixreorg"
-    return cfg
+    return _as_mixreorg(_tiny_hybrid())
 
 
 def _paper(name: str) -> PretrainConfig:
