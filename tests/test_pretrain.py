@@ -437,6 +437,7 @@ def test_supervised_upper_bound_learns_from_masks(tmp_path: Path, head: str) -> 
 
 
 def test_compare_runs_rows_and_seeds_and_keeps_finished_runs(tmp_path: Path, capsys) -> None:
+    from mixreorg.recipes.compare import ROWS
     from mixreorg.recipes.compare import main as compare_main
 
     out = tmp_path / "cmp"
@@ -458,6 +459,14 @@ def test_compare_runs_rows_and_seeds_and_keeps_finished_runs(tmp_path: Path, cap
     assert compare_main(args) == 0  # finished runs are kept, not retrained
     assert capsys.readouterr().out.count(": kept") == 4
     assert compare_main(["--rows", "nope", "--out", str(out)]) == 2
+    assert compare_main(["--preset", "nope", "--out", str(out)]) == 2
+    # finished runs of another command (here another preset) are refused, not mixed into the table
+    assert compare_main(args + ["--preset", "tiny_hybrid"]) == 1
+    err = capsys.readouterr().err
+    assert "holds a finished run of another command" in err and "--preset tiny_hybrid" in err
+    assert compare_main(["--preset", "tiny_hybrid", "--seeds", "0", "--dry-run", "--out", str(out)]) == 0
+    dry = capsys.readouterr().out.splitlines()
+    assert len(dry) == len(ROWS) and all("--preset tiny_hybrid --model " in line for line in dry)
     # a failing run is reported with its log, the others still run
     sets = [a for s in TINY if not s.startswith("train.time_limit") for a in ("--set", s)]
     bad = ["--rows", "groupvit", "--seeds", "5", "--steps", "2", "--out", str(tmp_path / "bad")] + sets

@@ -2,12 +2,14 @@
 
     python -m mixreorg.recipes.compare --out runs/compare                 # all rows, 3 seeds
     python -m mixreorg.recipes.compare --rows groupvit mixreorg --seeds 0 1 --steps 300
+    python -m mixreorg.recipes.compare --preset tiny_hybrid --seeds 0 1 2 3 4 --steps 100
 
-Each (row, seed) is one real run of :mod:`mixreorg.recipes.pretrain` (tiny preset, ``--model ROW``,
-``train.seed = data.seed = SEED``, the same ``--steps`` and no time limit, so every row gets the same
-number of optimiser steps and images whatever its cost), in its own folder ``OUT/ROW/seedSEED``,
+Each (row, seed) is one real run of :mod:`mixreorg.recipes.pretrain` (``--preset``, default ``tiny``;
+``--model ROW``, ``train.seed = data.seed = SEED``, the same ``--steps`` and no time limit, so every row
+gets the same number of optimiser steps and images whatever its cost), in its own folder ``OUT/ROW/seedSEED``,
 ``--jobs`` at a time. A finished run (its ``eval/results.json`` exists) is not run again and an
-interrupted one resumes from its checkpoint, so re-running the command after a stop loses nothing.
+interrupted one resumes from its checkpoint, so re-running the command after a stop loses nothing; a
+finished run of another command (another preset, budget or override) in the same folder is refused.
 
 Rows (default: all): ``groupvit``, ``groupvit_plus`` and the Table 6 MixReorg rows (``mixreorg_cm``,
 ``mixreorg_no_cm``, ``mixreorg_cm_seg``, ``mixreorg_cm_rc``, ``mixreorg``) zero-shot, and
@@ -54,11 +56,13 @@ def run_dir(out: Path, row: str, seed: int) -> Path:
     return out / row / f"seed{seed}"
 
 
-def run_command(row: str, seed: int, out: Path, steps: int, threads: int, overrides: Sequence[str]) -> list[str]:
+def run_command(
+    row: str, seed: int, out: Path, steps: int, threads: int, overrides: Sequence[str], preset: str = "tiny"
+) -> list[str]:
     """The pretrain command line of one (row, seed)."""
     cmd = [
         sys.executable, "-m", "mixreorg.recipes.pretrain",
-        "--preset", "tiny", "--model", row, "--steps", str(steps), "--threads", str(threads),
+        "--preset", preset, "--model", row, "--steps", str(steps), "--threads", str(threads),
         "--out", str(run_dir(out, row, seed)), "--quiet",
         "--set", "train.time_limit=0", "--set", f"train.seed={seed}", "--set", f"data.seed={seed}",
     ]  # fmt: skip
@@ -67,14 +71,29 @@ def run_command(row: str, seed: int, out: Path, steps: int, threads: int, overri
     return cmd
 
 
-def _run_one(row: str, seed: int, out: Path, steps: int, threads: int, overrides: Sequence[str]) -> dict[str, Any]:
+def _same_run(recorded: str, cmd: Sequence[str]) -> bool:
+    """Whether a finished run's recorded command is ``cmd`` (the interpreter's path may differ: a clone
+    elsewhere, another virtual environment)."""
+    return recorded.split()[1:] == list(cmd[1:])
+
+
+def _run_one(
+    row: str, seed: int, out: Path, steps: int, threads: int, overrides: Sequence[str], preset: str = "tiny"
+) -> dict[str, Any]:
     folder = run_dir(out, row, seed)
     done = folder / "eval" / "results.json"
     timing = folder / "compare_run.json"
+    cmd = run_command(row, seed, out, steps, threads, overrides, preset)
     if done.is_file() and timing.is_file():
-        return {"row": row, "seed": seed, "skipped": True, **json.loads(timing.read_text())}
+        info = json.loads(timing.read_text())
+        if not _same_run(info["command"], cmd):
+            # a table mixing runs of two presets or budgets would be silently wrong: refuse to reuse it
+            raise RuntimeError(
+                f"{row} seed {seed}: {folder} holds a finished run of another command "
+                f"({info['command']!r}, this one: {' '.join(cmd)!r}); use another --out or delete it"
+            )
+        return {"row": row, "seed": seed, "skipped": True, **info}
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = run_command(row, seed, out, steps, threads, overrides)
     t0 = time.perf_counter()
     with open(folder / "compare_run.log", "a") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)).returncode
@@ -171,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mixreorg.recipes.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run (default: {' '.join(ROWS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--preset", default="tiny", help="the pretrain preset every row starts from (e.g. tiny_hybrid)")
     p.add_argument("--steps", type=int, default=150, help="optimiser steps of every run (equal for all rows)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -184,8 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .models import MODEL_BUILDERS
 
+    from .config import PRESETS
+
     unknown = [r for r in args.rows if r not in MODEL_BUILDERS]
     problems = [f"unknown rows {unknown}; known: {', '.join(sorted(MODEL_BUILDERS))}"] if unknown else []
+    if args.preset not in PRESETS:
+        problems.append(f"unknown preset {args.preset!r}; presets: {', '.join(sorted(PRESETS))}")
     if args.steps < 1 or args.jobs < 1 or args.threads < 1:
         problems.append(f"--steps, --jobs and --threads must be >= 1, got {args.steps}, {args.jobs}, {args.threads}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -197,13 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = [(row, seed) for seed in args.seeds for row in args.rows]  # seed-major: a partial run is balanced
     if args.dry_run:
         for row, seed in jobs:
-            print(" ".join(run_command(row, seed, out, args.steps, args.threads, args.set)))
+            print(" ".join(run_command(row, seed, out, args.steps, args.threads, args.set, args.preset)))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     failed = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(_run_one, r, s, out, args.steps, args.threads, args.set) for r, s in jobs]
+        futures = [pool.submit(_run_one, r, s, out, args.steps, args.threads, args.set, args.preset)
+                   for r, s in jobs]
         for (row, seed), f in zip(jobs, futures):
             try:
                 res = f.result()
