@@ -202,9 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .models import MODEL_BUILDERS
-
     from .config import PRESETS
+    from .models import MODEL_BUILDERS
 
     unknown = [r for r in args.rows if r not in MODEL_BUILDERS]
     problems = [f"unknown rows {unknown}; known: {', '.join(sorted(MODEL_BUILDERS))}"] if unknown else []
