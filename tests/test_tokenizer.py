@@ -46,6 +46,31 @@ def test_cleaning_matches_open_clip():
     assert torch.equal(a[0], a[1])
 
 
+def test_cleaning_looks_for_ftfy_once():
+    """Python does not cache a failed import: without the cache every text searched ``sys.path`` for
+    ftfy again (a third of the recipes' batch-building time)."""
+    import sys
+
+    from mixreorg.text import tokenizer
+
+    lookups = []
+
+    class Recorder:
+        def find_spec(self, name, path=None, target=None):
+            if name == "ftfy":
+                lookups.append(name)
+            return None  # let the real finders answer
+
+    tokenizer._ftfy_fix_text.cache_clear()
+    sys.meta_path.insert(0, Recorder())
+    try:
+        for _ in range(5):
+            assert clean_text("A  Photo") == "a photo"
+    finally:
+        sys.meta_path.pop(0)
+    assert len(lookups) <= 1  # once if ftfy is not installed, never if it is already imported
+
+
 def test_truncation_keeps_eot():
     long = "word " * 200
     ids = tokenize([long, "short"])

@@ -54,6 +54,18 @@ _CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _WHITESPACE = re.compile(r"\s+")
 
 
+@functools.cache
+def _ftfy_fix_text():
+    """``ftfy.fix_text`` if ftfy is installed (optional, as in open_clip), else None. Looked up once: a
+    failed import is not cached by Python, and searching ``sys.path`` for it on every text cost the
+    recipes' batch builder a third of its time (17 of 55 ms per batch of 32)."""
+    try:
+        import ftfy  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return ftfy.fix_text
+
+
 def clean_text(text: str) -> str:
     """Normalise a text the way open_clip's tokenizer does before BPE.
 
@@ -62,12 +74,9 @@ def clean_text(text: str) -> str:
     """
     if not isinstance(text, str):
         raise ValueError(f"expected a str, got {type(text).__name__}")
-    try:  # optional, as in open_clip
-        import ftfy  # type: ignore[import-not-found]
-
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
+    fix_text = _ftfy_fix_text()
+    if fix_text is not None:
+        text = fix_text(text)
     text = html.unescape(html.unescape(text))
     text = unicodedata.normalize("NFC", text)
     return _WHITESPACE.sub(" ", text).strip().lower()
