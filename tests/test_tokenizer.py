@@ -48,7 +48,7 @@ def test_cleaning_matches_open_clip():
 
 def test_cleaning_looks_for_ftfy_once():
     """Python does not cache a failed import: without the cache every text searched ``sys.path`` for
-    ftfy again (a third of the recipes' batch-building time)."""
+    ftfy again (the batch builder took 2.4x as long: ``benchmarks/bench_batch_builder.py``)."""
     import sys
 
     from mixreorg.text import tokenizer

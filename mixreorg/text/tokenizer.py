@@ -57,8 +57,8 @@ _WHITESPACE = re.compile(r"\s+")
 @functools.cache
 def _ftfy_fix_text():
     """``ftfy.fix_text`` if ftfy is installed (optional, as in open_clip), else None. Looked up once: a
-    failed import is not cached by Python, and searching ``sys.path`` for it on every text cost the
-    recipes' batch builder a third of its time (17 of 55 ms per batch of 32)."""
+    failed import is not cached by Python, and searching ``sys.path`` for it on every text made the
+    recipes' batch builder 2.4x slower (``benchmarks/bench_batch_builder.py``)."""
     try:
         import ftfy  # type: ignore[import-not-found]
     except ImportError:
