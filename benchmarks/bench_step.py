@@ -35,6 +35,7 @@ from mixreorg.nn.weights import config_to_hf, ours_to_hf
 from mixreorg.recipes.config import apply_overrides, get_preset
 from mixreorg.recipes.data import BatchBuilder, build_stream
 from mixreorg.recipes.models import build_model
+from mixreorg.recipes.scheduler import build_optimizer
 from mixreorg.recipes.train import cpu_bf16_support, train
 
 ROUNDS = 6  # round 0 warms up (and compiles)
@@ -61,7 +62,7 @@ class _TrainerCase:
         torch.manual_seed(0)
         self.model = build_model(cfg).train()
         self.forward = torch.compile(self.model) if compiled else self.model
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.opt = build_optimizer(self.model, cfg)[0]  # the recipe's (fused) AdamW: part of its step
         self.batches, self.i, self.bf16 = batches, 0, bf16
         self.sdpa_kernels = sdpa_kernels  # None: the library's table as it is
 
@@ -113,14 +114,16 @@ def _hf_pair(cfg):
     return ours, hf
 
 
-def _model_step(net, hf: bool, batch: dict, opt) -> None:
+def _model_step(net, hf: bool, batch: dict, opt, bf16: bool = False) -> None:
     images, ids = batch["images"], batch["text"]
-    if hf:
-        out = net(input_ids=ids, pixel_values=images)
-        loss = _clip_loss(out.image_embeds, out.text_embeds, net.logit_scale)
-    else:
-        out = net(images, ids)
-        loss = _clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:  # the same autocast for both implementations: a like-for-like precision
+        if hf:
+            out = net(input_ids=ids, pixel_values=images)
+            loss = _clip_loss(out.image_embeds.float(), out.text_embeds.float(), net.logit_scale)
+        else:
+            out = net(images, ids)
+            loss = _clip_loss(out["image_embed"].float(), out["text_embed"].float(), out["logit_scale"])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -142,8 +145,39 @@ def _cases() -> dict[tuple[str, str], object]:
         (mr, "compiled"): _TrainerCase(mr_cfg, _batches(mr_cfg, True, 4), compiled=True),
     }
     if cpu_bf16_support()[0]:
+        model = "GroupViT model step (CLIP loss)"
+        cases[(model, "ours bf16")] = lambda: _model_step(ours, False, padded[0], opts["ours"], bf16=True)
+        cases[(model, "transformers bf16")] = lambda: _model_step(hf, True, padded[0], opts["hf"], bf16=True)
         cases[(gv, "eager bf16")] = _TrainerCase(gv_cfg, trimmed, bf16=True)
+        cases[(mr, "eager bf16")] = _TrainerCase(mr_cfg, _batches(mr_cfg, False, 4), bf16=True)
     return cases
+
+
+def _goals(best: dict[tuple[str, str], float]) -> list[str]:
+    """Issue 11's goals read off one run's best times: each line the ratio, its goal and the verdict."""
+    gv, mr, model = "GroupViT tiny recipe step", "MixReorg tiny recipe step", "GroupViT model step (CLIP loss)"
+    fastest = "eager bf16" if (gv, "eager bf16") in best else "eager"
+    lines = []
+
+    def goal(text: str, value: float, target: float, at_most: bool = False) -> None:
+        met = value <= target if at_most else value >= target
+        sign, verdict = "<=" if at_most else ">=", "met" if met else "NOT met"
+        lines.append(f"  {text}: {value:.2f}x (goal {sign} {target}x: {verdict})")
+
+    goal(f"GroupViT recipe step, {fastest} vs eager float32 (today's)", best[(gv, "eager")] / best[(gv, fastest)], 1.6)
+    if (mr, fastest) in best:
+        goal(f"MixReorg recipe step, {fastest} vs eager float32", best[(mr, "eager")] / best[(mr, fastest)], 1.6)
+    ours = "ours bf16" if (model, "ours bf16") in best else "ours"
+    goal(f"model step, {ours} vs transformers float32 (its default)",
+         best[(model, "transformers")] / best[(model, ours)], 1.5)
+    if (model, "transformers bf16") in best:
+        goal("model step, ours bf16 vs transformers bf16 (same autocast)",
+             best[(model, "transformers bf16")] / best[(model, "ours bf16")], 1.5)
+    goal("MixReorg / GroupViT recipe step, eager float32", best[(mr, "eager")] / best[(gv, "eager")], 1.6, at_most=True)
+    if (mr, "eager bf16") in best:
+        goal("MixReorg / GroupViT recipe step, eager bf16", best[(mr, "eager bf16")] / best[(gv, "eager bf16")],
+             1.6, at_most=True)
+    return lines
 
 
 def test_train_steps_side_by_side(capsys):
@@ -160,18 +194,20 @@ def test_train_steps_side_by_side(capsys):
                 first[key] = dt
             else:
                 best[key] = min(best[key], dt)
-    baselines = {"GroupViT model step (CLIP loss)": "transformers"}
+    model = "GroupViT model step (CLIP loss)"
+    baselines = {(model, "ours"): "transformers", (model, "transformers bf16"): "transformers",
+                 (model, "ours bf16"): "transformers bf16"}
     batch = get_preset("tiny").train.batch_size
     with capsys.disabled():
         print(f"\ntrain steps, B={batch}, {torch.get_num_threads()} threads, best of {ROUNDS - 1} interleaved rounds")
         print(f"{'case':<34} {'impl':<14} {'ms/step':>9} {'steps/s':>8} {'vs baseline':>12} {'1st call s':>11}")
         for (case, impl), t in best.items():
-            baseline = baselines.get(case, "eager")
+            baseline = baselines.get((case, impl), "transformers" if case == model else "eager")
             RESULTS.append(dict(case=case, impl=impl, mean=t, bytes=0, baseline=baseline))
             print(f"{case:<34} {impl:<14} {t * 1e3:>9.0f} {1 / t:>8.2f} {best[(case, baseline)] / t:>11.2f}x "
                   f"{first[(case, impl)]:>11.1f}")
-        ratio = best[("MixReorg tiny recipe step", "eager")] / best[("GroupViT tiny recipe step", "eager")]
-        print(f"MixReorg / GroupViT eager step: {ratio:.2f}x")
+        print("issue 11's goals, from this run:")
+        print("\n".join(_goals(best)))
     assert all(math.isfinite(t) and t > 0 for t in best.values())
 
 
