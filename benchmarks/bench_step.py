@@ -271,3 +271,58 @@ def test_prefetch_steps_per_second(tmp_path: Path, capsys):
         print(f"\ntrain() loop, tiny preset, {steps} steps, {torch.get_num_threads()} threads, best of {runs}: "
               f"prefetch 0: {best[0]:.2f} steps/s, prefetch 2: {best[2]:.2f} steps/s ({best[2] / best[0]:.2f}x)")
     assert best[0] > 0 and best[2] > 0
+
+
+_MALLOC_CHILD = """
+import json, sys, time
+sys.path.insert(0, {bench_dir!r})
+import torch
+from mixreorg.recipes.train import retain_freed_memory
+retained = retain_freed_memory({mode!r})
+from bench_step import _TrainerCase, _batches, _recipe
+cfg = _recipe({preset!r})
+case = _TrainerCase(cfg, _batches(cfg, False, 4), bf16={bf16!r})
+for _ in range(3):
+    case()
+times = []
+for _ in range({steps}):
+    t = time.perf_counter()
+    case()
+    times.append(time.perf_counter() - t)
+print(json.dumps(dict(retained=retained, times=times)))
+"""
+
+
+def test_cpu_malloc_steps(capsys):
+    """``train.cpu_malloc`` (process-wide, so one process per case): the trainer models' eager step
+    with glibc's malloc as it is and with freed memory retained, processes run alternately; the
+    median over all rounds' steps (3 warm-up steps per process, not counted)."""
+    import json
+    import statistics
+    import subprocess
+    import sys
+
+    steps, rounds = 6, 3
+    cases = [("tiny", "GroupViT", False), ("tiny_mixreorg", "MixReorg", False)]
+    if cpu_bf16_support()[0]:
+        cases += [("tiny", "GroupViT", True), ("tiny_mixreorg", "MixReorg", True)]
+    times: dict[tuple, list[float]] = {}
+    for r in range(rounds):
+        for preset, model, bf16 in cases:
+            for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                code = _MALLOC_CHILD.format(bench_dir=str(Path(__file__).parent), mode=mode, preset=preset,
+                                            bf16=bf16, steps=steps)
+                done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                out = json.loads(done.stdout.strip().splitlines()[-1])
+                assert out["retained"] is (mode == "on")
+                times.setdefault((model, bf16, mode), []).extend(out["times"])
+    with capsys.disabled():
+        print(f"\ntrain step, train.cpu_malloc off vs on, B={get_preset('tiny').train.batch_size}, "
+              f"{torch.get_num_threads()} threads, median of {rounds} x {steps} steps, processes alternating")
+        for _, model, bf16 in cases:
+            off, on = (statistics.median(times[(model, bf16, m)]) for m in ("off", "on"))
+            name = f"{model} tiny recipe step{' bf16' if bf16 else ''}"
+            print(f"{name:<34} off {off * 1e3:6.0f} ms   on {on * 1e3:6.0f} ms   {off / on:.2f}x")
+            for mode, t in (("cpu_malloc off", off), ("cpu_malloc on", on)):
+                RESULTS.append(dict(case=name, impl=mode, mean=t, bytes=0, baseline="cpu_malloc off"))
+    assert all(t > 0 for ts in times.values() for t in ts)
