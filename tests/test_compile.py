@@ -1,4 +1,4 @@
-"""The recipe's CPU speed switches: ``train.compile``, ``data.prefetch``, ``train.cpu_bf16`` and ``train.cpu_malloc``.
+"""The recipe's CPU speed switches: ``train.compile``, ``data.prefetch`` and ``train.cpu_bf16``.
 
 ``torch.compile`` of the recipe's training forward: one graph for the whole trainer model (no graph
 break: ``fullgraph=True`` raises on any), compiled once (``error_on_recompile`` raises on a second
@@ -22,7 +22,7 @@ import torch._dynamo
 from mixreorg.checkpoint import CheckpointManager, load_checkpoint
 from mixreorg.recipes.data import BatchBuilder, Prefetcher, build_stream
 from mixreorg.recipes.models import build_model
-from mixreorg.recipes.train import cpu_bf16_support, resolve_cpu_bf16, retain_freed_memory, train
+from mixreorg.recipes.train import cpu_bf16_support, resolve_cpu_bf16, train
 from tests.test_pretrain import tiny_config
 
 PRESETS = {
@@ -169,52 +169,3 @@ def test_cpu_bf16_on_trains_under_autocast_or_refuses_to_start(tmp_path: Path) -
     bf16 = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in bf16)
     assert bf16[0]["loss"] != plain_records[0]["loss"]  # the forward really ran in bf16
-
-
-# ---------------------------------------------------------------------------------------------- CPU malloc
-_MALLOC_RUN = """
-import sys
-from pathlib import Path
-from mixreorg.recipes.train import train
-from tests.test_pretrain import tiny_config
-out = Path(sys.argv[1])
-train(tiny_config(out, steps=4, **{"train.cpu_malloc": sys.argv[2]}), resume=False, evaluate_at_end=False, quiet=True)
-"""
-
-
-def test_cpu_malloc_modes_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mixreorg.recipes import train as train_module
-
-    with pytest.raises(ValueError, match=r"train.cpu_malloc must be one of off\|auto\|on, got 'always'"):
-        retain_freed_memory("always")
-    assert retain_freed_memory("off") is False
-    monkeypatch.setattr(train_module, "_glibc", lambda: None)  # a C library without mallopt
-    assert retain_freed_memory("auto") is False
-    with pytest.raises(RuntimeError, match="train.cpu_malloc=on needs glibc's mallopt"):
-        retain_freed_memory("on")
-
-
-def test_cpu_malloc_trains_the_same_weights(tmp_path: Path) -> None:
-    """Retaining freed memory changes where tensors live, never a bit of what is computed: the same
-    seeds give the same metrics and weights with it on and off. Separate processes: mallopt is
-    process-wide, and this one would keep it."""
-    import os
-    import platform
-    import subprocess
-    import sys
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("train.cpu_malloc=on needs glibc")
-    root = Path(__file__).resolve().parents[1]
-    for mode in ("off", "on"):
-        subprocess.run([sys.executable, "-c", _MALLOC_RUN, str(tmp_path / mode), mode], cwd=root, check=True,
-                       env={**os.environ, "PYTHONPATH": str(root)})
-    results = {}
-    for mode in ("off", "on"):
-        records = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
-        timing = ("img_s", "time_s", "eta_s")
-        results[mode] = ([{k: v for k, v in r.items() if k not in timing} for r in records],
-                         load_checkpoint(CheckpointManager(tmp_path / mode / "checkpoints").latest())["model"])
-    (rec_off, w_off), (rec_on, w_on) = results["off"], results["on"]
-    assert rec_off == rec_on and len(rec_off) >= 1
-    assert w_off.keys() == w_on.keys() and all(torch.equal(w_off[k], w_on[k]) for k in w_off)

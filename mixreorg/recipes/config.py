@@ -182,9 +182,6 @@ class TrainConfig:
         natively -- AVX512-BF16 or AMX, :func:`mixreorg.recipes.train.cpu_bf16_support` -- off
         elsewhere) or ``"on"`` (required: a CPU without native bf16 raises instead of emulating it
         several times slower). Off by default: the same seeds then give the same weights on every CPU.
-    cpu_malloc: on CPU, keep the memory a step frees mapped for the next step (glibc's ``mallopt``):
-        ``"off"``, ``"auto"`` (where the C library is glibc) or ``"on"`` (required);
-        :func:`mixreorg.recipes.train.retain_freed_memory` has the why. The same bits either way.
     compile: ``torch.compile`` the trainer model's forward and backward (the optimiser step stays
         eager). Token rows are then padded to the text context so that every step has one shape;
         the first steps pay the compilation.
@@ -202,7 +199,6 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True
     cpu_bf16: str = "off"
-    cpu_malloc: str = "off"
     compile: bool = False
     threads: int = 0
     out_dir: str = "runs/pretrain"

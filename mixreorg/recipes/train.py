@@ -40,10 +40,9 @@ from .logger import MetricsLog, Progress, eta_seconds, plot_metrics, scalar_valu
 from .models import build_model
 from .scheduler import WarmupCosine, build_optimizer
 
-__all__ = ["NaNLossError", "Run", "cpu_bf16_support", "resolve_cpu_bf16", "retain_freed_memory", "train"]
+__all__ = ["NaNLossError", "Run", "cpu_bf16_support", "resolve_cpu_bf16", "train"]
 
 CPU_BF16_MODES = ("off", "auto", "on")
-CPU_MALLOC_MODES = ("off", "auto", "on")
 
 
 class NaNLossError(RuntimeError):
@@ -127,60 +126,12 @@ def resolve_cpu_bf16(mode: str, native: bool | None = None) -> bool:
     return native
 
 
-def _glibc():
-    """The C library when it is glibc (the one whose ``mallopt`` knobs :func:`retain_freed_memory` sets), else None."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def retain_freed_memory(mode: str = "on") -> bool:
-    """``train.cpu_malloc``: make glibc keep the memory a training step frees, for the next step to
-    reuse -> whether it now does. ``"off"``: leave malloc as it is; ``"auto"``: on where the C library
-    is glibc; ``"on"``: required (``RuntimeError`` naming the C library elsewhere).
-
-    Why: glibc serves every large block (activations, the token embedding's dense ``[V, C]``
-    gradient) with a fresh ``mmap`` and unmaps it when freed, so each step page-faults on every page
-    of its big tensors again, and a fault (the kernel zeroing 4 KiB, under a hypervisor) costs more
-    than the writes: one fresh 25 MB ``zeros`` took 7-135 ms instead of ~1 ms. Raising glibc's mmap
-    and trim thresholds (``mallopt``) keeps freed blocks in the heap, mapped: the process holds its
-    peak memory from the first step on, and the bits computed are the same. Process-wide and not
-    undone. The gain is measured in ``benchmarks/bench_step.py`` (``-k cpu_malloc``).
-    """
-    if mode not in CPU_MALLOC_MODES:
-        raise ValueError(f"train.cpu_malloc must be one of {'|'.join(CPU_MALLOC_MODES)}, got {mode!r}")
-    if mode == "off":
-        return False
-    libc = _glibc()
-    if libc is None:
-        if mode == "on":
-            import platform
-
-            raise RuntimeError(f"train.cpu_malloc=on needs glibc's mallopt; this is {platform.system()} with "
-                               f"{platform.libc_ver()[0] or 'another C library'}: use train.cpu_malloc=auto or off")
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    # 1 GiB: blocks up to it come from the heap; the trim threshold keeps up to 2 GiB of free heap mapped
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
-    if not ok and mode == "on":
-        raise RuntimeError("train.cpu_malloc=on: glibc refused mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD)")
-    return ok
-
-
 def _setup(cfg: PretrainConfig) -> Run:
     cfg.validate()
     if cfg.data.prefetch < 0:
         raise ValueError(f"data.prefetch must be >= 0 batches (0: no background thread), got {cfg.data.prefetch}")
     rank, world, device = init_distributed()
     cpu_bf16 = resolve_cpu_bf16(cfg.train.cpu_bf16) if device.type == "cpu" else False
-    if device.type == "cpu":
-        retain_freed_memory(cfg.train.cpu_malloc)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.batch_size % world:
