@@ -46,6 +46,7 @@ TINY = [
     "eval.overlays=2",
     "train.threads=1",
     "train.time_limit=0",
+    "train.cpu_bf16=off",  # the tiny presets' "auto" would make these runs differ between CPUs
 ]
 
 
