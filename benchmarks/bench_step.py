@@ -2,11 +2,13 @@
 the machine's load hit all alike; best of the rounds after a warm-up round):
 
 * our GroupViT vs ``transformers.GroupViTModel`` on the same config and weights (the tiny preset's
-  towers with HF's two-layer heads and mean pooling, the forms HF can express), same CLIP loss;
+  towers with HF's two-layer heads and mean pooling, the forms HF can express), same CLIP loss, in
+  float32 and (where the CPU has native bf16) both under the same CPU bf16 autocast;
 * the recipe's trainer models (GroupViT and MixReorg with the tiny preset's objective, real batches
   of the recipe's data path): eager (token rows trimmed, as the loop does by default), eager on rows
   padded to the context, ``torch.compile`` (Inductor; padded rows, as ``train.compile`` runs it),
-  and, where the CPU has native bf16, eager under CPU bf16 autocast (``train.cpu_bf16``);
+  and, where the CPU has native bf16, eager under CPU bf16 autocast (``train.cpu_bf16``); each
+  steps with the recipe's optimiser (fused AdamW); the run ends with issue 11's goals and verdicts;
 * SDPA's kernel x precision (``test_cpu_bf16_attention_kernels``): both trainer models' eager step in
   float32 and under CPU bf16 autocast, each with SDPA's default CPU kernel and with its math kernel
   (``mixreorg.nn.attention.SDPA_KERNELS`` set per case): the measurement behind that table's choice;

@@ -20,6 +20,7 @@ import torch
 import torch._dynamo
 
 from mixreorg.checkpoint import CheckpointManager, load_checkpoint
+from mixreorg.recipes.config import get_preset
 from mixreorg.recipes.data import BatchBuilder, Prefetcher, build_stream
 from mixreorg.recipes.models import build_model
 from mixreorg.recipes.train import cpu_bf16_support, resolve_cpu_bf16, train
@@ -146,6 +147,15 @@ def test_cpu_bf16_detection_follows_the_cpu_flags() -> None:
     assert "avx512_bf16=" in found
     assert resolve_cpu_bf16("auto") is native
     assert resolve_cpu_bf16("off") is False
+
+
+def test_tiny_presets_train_in_bf16_exactly_where_the_cpu_has_it() -> None:
+    """The main job's precision (the tiny presets' ``auto``, chosen by the bf16 learning check)
+    follows the CPU; the published-config presets stay float32."""
+    native, found = cpu_bf16_support()
+    for name in ("tiny", "tiny_mixreorg", "tiny_hybrid", "tiny_hybrid_supervised"):
+        assert resolve_cpu_bf16(get_preset(name).train.cpu_bf16) is native, (name, found)
+    assert resolve_cpu_bf16(get_preset("groupvit_cc12m").train.cpu_bf16) is False
 
 
 def test_cpu_bf16_on_an_unsupported_cpu_is_refused_with_the_reason() -> None:

@@ -181,7 +181,8 @@ class TrainConfig:
     cpu_bf16: bf16 autocast on CPU: ``"off"`` (float32), ``"auto"`` (on where the CPU computes bf16
         natively -- AVX512-BF16 or AMX, :func:`mixreorg.recipes.train.cpu_bf16_support` -- off
         elsewhere) or ``"on"`` (required: a CPU without native bf16 raises instead of emulating it
-        several times slower). Off by default: the same seeds then give the same weights on every CPU.
+        several times slower). Off by default (the same seeds then give the same weights on every CPU);
+        the tiny presets use ``auto`` (their docstring has the learning check).
     compile: ``torch.compile`` the trainer model's forward and backward (the optimiser step stays
         eager). Token rows are then padded to the text context so that every step has one shape;
         the first steps pay the compilation.
