@@ -32,6 +32,8 @@ with torch.no_grad():
         out = model.encode_image(x)
         emb = model.project_patches(out[f"{tokens}_tokens"]).float()  # [B, L, D]
         h, w = out["grid"]
+        if h * w != emb.shape[1]:  # a fine-grid encoder reports the 16x16 grid; these tokens are coarser
+            h = w = int(round(emb.shape[1] ** 0.5))
         logits = (emb @ cls.t()).transpose(1, 2).reshape(len(items), len(names), h, w)
         pred = F.interpolate(logits, size=m.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
         c = confusion_matrix(pred, m, len(names))
