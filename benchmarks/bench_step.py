@@ -41,6 +41,7 @@ from mixreorg.recipes.scheduler import build_optimizer
 from mixreorg.recipes.train import cpu_bf16_support, train
 
 ROUNDS = 6  # round 0 warms up (and compiles)
+MODEL, GV, MR = "GroupViT model step (CLIP loss)", "GroupViT tiny recipe step", "MixReorg tiny recipe step"
 
 
 def _recipe(preset: str):
@@ -136,10 +137,10 @@ def _cases() -> dict[tuple[str, str], object]:
     trimmed, padded = _batches(gv_cfg, False, 4), _batches(gv_cfg, True, 4)
     ours, hf = _hf_pair(gv_cfg)
     opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4), "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4)}
-    gv, mr = "GroupViT tiny recipe step", "MixReorg tiny recipe step"
+    gv, mr, model = GV, MR, MODEL
     cases = {
-        ("GroupViT model step (CLIP loss)", "ours"): lambda: _model_step(ours, False, padded[0], opts["ours"]),
-        ("GroupViT model step (CLIP loss)", "transformers"): lambda: _model_step(hf, True, padded[0], opts["hf"]),
+        (model, "ours"): lambda: _model_step(ours, False, padded[0], opts["ours"]),
+        (model, "transformers"): lambda: _model_step(hf, True, padded[0], opts["hf"]),
         (gv, "eager"): _TrainerCase(gv_cfg, trimmed),
         (gv, "eager, padded"): _TrainerCase(gv_cfg, padded),
         (gv, "compiled"): _TrainerCase(gv_cfg, padded, compiled=True),
@@ -147,7 +148,6 @@ def _cases() -> dict[tuple[str, str], object]:
         (mr, "compiled"): _TrainerCase(mr_cfg, _batches(mr_cfg, True, 4), compiled=True),
     }
     if cpu_bf16_support()[0]:
-        model = "GroupViT model step (CLIP loss)"
         cases[(model, "ours bf16")] = lambda: _model_step(ours, False, padded[0], opts["ours"], bf16=True)
         cases[(model, "transformers bf16")] = lambda: _model_step(hf, True, padded[0], opts["hf"], bf16=True)
         cases[(gv, "eager bf16")] = _TrainerCase(gv_cfg, trimmed, bf16=True)
@@ -157,7 +157,7 @@ def _cases() -> dict[tuple[str, str], object]:
 
 def _goals(best: dict[tuple[str, str], float]) -> list[str]:
     """Issue 11's goals read off one run's best times: each line the ratio, its goal and the verdict."""
-    gv, mr, model = "GroupViT tiny recipe step", "MixReorg tiny recipe step", "GroupViT model step (CLIP loss)"
+    gv, mr, model = GV, MR, MODEL
     fastest = "eager bf16" if (gv, "eager bf16") in best else "eager"
     lines = []
 
@@ -196,7 +196,7 @@ def test_train_steps_side_by_side(capsys):
                 first[key] = dt
             else:
                 best[key] = min(best[key], dt)
-    model = "GroupViT model step (CLIP loss)"
+    model = MODEL
     baselines = {(model, "ours"): "transformers", (model, "transformers bf16"): "transformers",
                  (model, "ours bf16"): "transformers bf16"}
     batch = get_preset("tiny").train.batch_size
