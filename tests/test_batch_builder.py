@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mixreorg.data.synthshapes import SynthShapesStream
+from mixreorg.data.synthshapes import SynthShapes, SynthShapesStream
 from mixreorg.losses import keys_to_ids
 from mixreorg.recipes.config import apply_overrides, get_preset
 from mixreorg.recipes.data import BatchBuilder
-from mixreorg.text import tokenize
+from mixreorg.text import noun_phrases, tokenize
 
 
 def _cfg(*overrides: str):
@@ -76,3 +76,21 @@ def test_masks_only_for_models_that_need_them_and_no_prompts_without_the_loss() 
     batch = BatchBuilder(_cfg("objective.multi_label_weight=0"), 32, with_masks=True)(raw, 0)
     assert torch.equal(batch["masks"], raw["mask"])
     assert not {"prompts", "prompt_keys", "label_keys"} & set(batch)
+
+
+def test_prompt_phrases_add_the_modified_nouns_as_their_own_keys() -> None:
+    raw = _raw(16)
+    plain = BatchBuilder(_cfg("data.num_prompts=6"), 32)(raw, step=3)
+    batch = BatchBuilder(_cfg("data.num_prompts=6", "data.prompt_phrases=true"), 32)(raw, step=3)
+    seen_phrase = False
+    for cap, nouns, pkeys, labels in zip(raw["caption"], raw["nouns"], batch["keys"]["prompt"], batch["keys"]["label"]):
+        phrases = noun_phrases(cap, nouns)
+        # SynthShapes names every shape with its colour: each named shape has a phrase, only they do
+        assert {p.split()[-1] for p in phrases} == {n for n in nouns if n in SynthShapes.THINGS}
+        assert labels == list(dict.fromkeys([*nouns, *phrases, cap]))
+        assert set(pkeys) <= set(nouns) | set(phrases) | {cap}
+        seen_phrase |= bool(set(pkeys) & set(phrases))
+    assert seen_phrase
+    # the caption keys stay the bare nouns: same colours or not, captions naming the same shapes agree
+    assert batch["keys"]["text"] == plain["keys"]["text"]
+    assert torch.equal(batch["text_keys"], plain["text_keys"])

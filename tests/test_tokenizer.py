@@ -20,6 +20,7 @@ from mixreorg.text import (
     ClipTokenizer,
     clean_text,
     extract_nouns,
+    noun_phrases,
     find_open_clip_bpe,
     get_tokenizer,
     make_prompts,
@@ -181,6 +182,42 @@ def test_vocabulary_nouns():
         extract_nouns("a circle", vocabulary=["circle", " "])
     with pytest.raises(ValueError, match="vocabulary"):
         extract_nouns("a circle", method="vocabulary")
+
+
+@pytest.mark.parametrize(
+    "caption, nouns, phrases",
+    [
+        ("a red circle and a big blue square on grass.", ["circle", "square", "grass"], ["red circle", "big blue square"]),
+        ("there is a circle.", ["circle"], []),
+        ("Two RED circles, a red circle and a traffic light.", ["circle", "traffic light"], ["red circle"]),
+        ("a dark green traffic lights pole", ["traffic light"], ["dark green traffic light"]),
+        ("a red, round circle", ["circle"], ["round circle"]),  # punctuation ends the modifier run
+        ("the circle is red", ["circle"], []),  # a predicate is not a modifier
+        ("a red square", ["circle"], []),
+    ],
+)
+def test_noun_phrases(caption, nouns, phrases):
+    assert noun_phrases(caption, nouns) == phrases
+
+
+@given(
+    adjectives=st.lists(st.sampled_from(["red", "blue", "striped", "big", "dark"]), max_size=3),
+    noun=st.sampled_from(["circle", "star", "ring"]),
+    tail=st.sampled_from(["", " on grass.", " and a square."]),
+)
+def test_noun_phrases_keep_the_whole_modifier_run(adjectives, noun, tail):
+    caption = "a " + " ".join([*adjectives, noun]) + tail
+    got = noun_phrases(caption, [noun, "square", "grass"])
+    assert got == ([" ".join([*adjectives, noun])] if adjectives else [])
+
+
+def test_noun_phrases_refuse_bad_input():
+    with pytest.raises(ValueError, match="caption"):
+        noun_phrases(None, ["circle"])
+    with pytest.raises(ValueError, match="not one str"):
+        noun_phrases("a red circle", "circle")
+    with pytest.raises(ValueError, match="non-empty"):
+        noun_phrases("a red circle", ["circle", ""])
 
 
 def test_nouns_method_selection():

@@ -60,6 +60,9 @@ class DataConfig:
     crop_scale: lower bound of the random-resized-crop area (``deit``).
     synth: SynthShapesConfig overrides (e.g. ``{"caption_colours": false}``).
     num_prompts: K noun prompts per image for the multi-label loss.
+    prompt_phrases: [R] the caption's modified nouns (:func:`mixreorg.text.noun_phrases`: "red
+        circle") are drawn as prompts beside the bare nouns, each its own key: a colour, seen in one
+        patch, then tells the per-patch prompt term where the shape it modifies is.
     text_keys: what makes two captions "the same text" for multi-positive targets: ``"caption"``
         (identical strings), ``"nouns"`` (identical noun sets; SynthShapes gives them, elsewhere
         :func:`mixreorg.text.extract_nouns`) or ``"none"``.
@@ -78,6 +81,7 @@ class DataConfig:
     crop_scale: float = 0.08
     synth: dict = field(default_factory=dict)
     num_prompts: int = 3
+    prompt_phrases: bool = False
     text_keys: str = "nouns"
     noun_vocabulary: list | None = None
     num_workers: int = 0

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mixreorg.losses import keys_to_ids, label_key_ids
 from mixreorg.text import make_prompts, tokenize
-from mixreorg.text.nouns import extract_nouns
+from mixreorg.text.nouns import extract_nouns, noun_phrases
 
 from .config import PretrainConfig
 
@@ -150,13 +150,16 @@ class BatchBuilder:
             rng = random.Random(f"{cfg.data.seed}/{step}/{self.rank}")
             k = cfg.data.num_prompts
             prompts, pkeys = [], []
-            for cap, ns in zip(captions, nouns):
+            prompt_nouns = nouns
+            if cfg.data.prompt_phrases:
+                prompt_nouns = [list(ns) + noun_phrases(cap, ns) for cap, ns in zip(captions, nouns)]
+            for cap, ns in zip(captions, prompt_nouns):
                 ps, from_nouns = make_prompts(cap, k, rng, nouns=ns, return_nouns=True)
                 prompts.extend(ps)
                 pkeys.append([cap if n is None else n for n in from_nouns])  # filler prompts: the caption
             batch["prompts"] = self._tokens(prompts, cache=True).reshape(len(captions), k, -1)
             keys["prompt"] = pkeys
-            keys["label"] = [list(dict.fromkeys(list(ns) + [cap])) for cap, ns in zip(captions, nouns)]
+            keys["label"] = [list(dict.fromkeys(list(ns) + [cap])) for cap, ns in zip(captions, prompt_nouns)]
             batch["prompt_keys"] = keys_to_ids([key for row in pkeys for key in row]).view(len(captions), k)
             width = max(len(labels) for labels in keys["label"])
             batch["label_keys"] = label_key_ids(keys["label"], -(-width // self.LABEL_WIDTH) * self.LABEL_WIDTH)

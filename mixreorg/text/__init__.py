@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mixreorg.text.nouns import ADJECTIVES, STOP_WORDS, extract_nouns, nltk_available
+from mixreorg.text.nouns import ADJECTIVES, STOP_WORDS, extract_nouns, nltk_available, noun_phrases
 from mixreorg.text.prompts import (
     IMAGENET_TEMPLATES,
     IMAGENET_TEMPLATES_7,
@@ -40,5 +40,6 @@ __all__ = [
     "get_tokenizer",
     "make_prompts",
     "nltk_available",
+    "noun_phrases",
     "tokenize",
 ]

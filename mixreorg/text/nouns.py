@@ -26,7 +26,7 @@ import functools
 import re
 from collections.abc import Iterable
 
-__all__ = ["extract_nouns", "nltk_available", "STOP_WORDS", "ADJECTIVES"]
+__all__ = ["extract_nouns", "noun_phrases", "nltk_available", "STOP_WORDS", "ADJECTIVES"]
 
 _WORD_OR_PUNCT = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*|[^\sa-z0-9]")
 
@@ -214,3 +214,43 @@ def extract_nouns(caption: str, vocabulary: Iterable[str] | None = None, *, meth
             )
         return _by_nltk(caption)
     return _by_heuristic(caption)
+
+
+def noun_phrases(caption: str, nouns: Iterable[str]) -> list[str]:
+    """The modified mentions of ``nouns`` in ``caption``: each occurrence of a noun (simple plurals
+    accepted, returned in the noun's spelling) with the run of :data:`ADJECTIVES` right before it.
+
+    Bare mentions (no modifier) are left out: they are the nouns themselves. Used for attribute
+    prompts ("a photo of a red circle."): an attribute that is easy to see in a patch (a colour)
+    tells WHERE a harder one (the shape) is, so a caption can localise its nouns.
+
+    >>> noun_phrases("a red circle and a big blue square on grass.", ["circle", "square", "grass"])
+    ['red circle', 'big blue square']
+    >>> noun_phrases("there is a circle.", ["circle"])
+    []
+    """
+    if not isinstance(caption, str):
+        raise ValueError(f"caption must be a str, got {type(caption).__name__}")
+    if isinstance(nouns, str):
+        raise ValueError("nouns must be an iterable of words, not one str")
+    wanted: dict[tuple[str, ...], str] = {}
+    for noun in nouns:
+        key = tuple(_words(noun)) if isinstance(noun, str) else ()
+        if not key:
+            raise ValueError(f"nouns must be non-empty strings, got {noun!r}")
+        wanted.setdefault(key, " ".join(key))
+    words = _words(caption)  # punctuation kept: a comma ends a run of modifiers
+    phrases = []
+    for i in range(len(words)):
+        for key, spelling in wanted.items():
+            n = len(key)
+            if i + n > len(words) or tuple(words[i : i + n - 1]) != key[:-1]:
+                continue
+            if key[-1] not in _singulars(words[i + n - 1]):
+                continue
+            start = i
+            while start > 0 and words[start - 1] in ADJECTIVES:
+                start -= 1
+            if start < i:
+                phrases.append(" ".join(words[start:i] + [spelling]))
+    return _unique(phrases)
