@@ -20,11 +20,11 @@ from mixreorg.text import (
     ClipTokenizer,
     clean_text,
     extract_nouns,
-    noun_phrases,
     find_open_clip_bpe,
     get_tokenizer,
     make_prompts,
     nltk_available,
+    noun_phrases,
     tokenize,
 )
 
@@ -187,7 +187,8 @@ def test_vocabulary_nouns():
 @pytest.mark.parametrize(
     "caption, nouns, phrases",
     [
-        ("a red circle and a big blue square on grass.", ["circle", "square", "grass"], ["red circle", "big blue square"]),
+        ("a red circle and a big blue square on grass.", ["circle", "square", "grass"],
+         ["red circle", "big blue square"]),
         ("there is a circle.", ["circle"], []),
         ("Two RED circles, a red circle and a traffic light.", ["circle", "traffic light"], ["red circle"]),
         ("a dark green traffic lights pole", ["traffic light"], ["dark green traffic light"]),

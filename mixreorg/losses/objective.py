@@ -35,6 +35,9 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
   all six SynthShapes shape prompts to one embedding (cosine 0.999 after 300 steps: the image side
   cannot tell the shapes apart yet, so the text side merges them, and then the image side gets no
   signal to tell them apart): a joint collapse this term rules out. Not in the paper.
+* ``grounded_seg_weight`` (default 0, off) [R]: :func:`mixreorg.losses.grounded.grounded_seg_loss`:
+  every grouped position, through its segment, must name what the patch tokens find there among
+  the image's own noun prompts (needs ``patch_embed``, ``seg_embed``, ``assign`` and ``prompt_mask``).
 * ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
   of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
   image ``i``'s label keys (default: the keys of its own prompts).
@@ -64,6 +67,7 @@ from .contrastive import (
     logit_scale_value,
     prompt_loss,
 )
+from .grounded import grounded_seg_loss
 
 __all__ = ["ContrastiveObjective", "MULTI_LABEL_POOLS", "label_key_ids"]
 
@@ -175,6 +179,7 @@ class ContrastiveObjective(nn.Module):
         patch_label_weight: float = 0.0,
         prompt_uniformity_weight: float = 0.0,
         patch_mean_weight: float = 0.0,
+        grounded_seg_weight: float = 0.0,
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -190,6 +195,8 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"prompt_uniformity_weight must be >= 0, got {prompt_uniformity_weight!r}")
         if not patch_label_weight >= 0:
             raise ValueError(f"patch_label_weight must be >= 0, got {patch_label_weight!r}")
+        if not grounded_seg_weight >= 0:
+            raise ValueError(f"grounded_seg_weight must be >= 0, got {grounded_seg_weight!r}")
         if not patch_mean_weight >= 0:
             raise ValueError(f"patch_mean_weight must be >= 0, got {patch_mean_weight!r}")
         if multi_label_weight < 0:
@@ -201,6 +208,7 @@ class ContrastiveObjective(nn.Module):
         self.patch_label_weight = float(patch_label_weight)
         self.prompt_uniformity_weight = float(prompt_uniformity_weight)
         self.patch_mean_weight = float(patch_mean_weight)
+        self.grounded_seg_weight = float(grounded_seg_weight)
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -222,7 +230,12 @@ class ContrastiveObjective(nn.Module):
     @property
     def reads_patches(self) -> bool:
         """Whether ``forward`` needs ``patch_embed`` (a per-patch or mean-patch term is on)."""
-        return self.patch_label_weight > 0 or self.patch_mean_weight > 0
+        return self.patch_label_weight > 0 or self.patch_mean_weight > 0 or self.grounded_seg_weight > 0
+
+    @property
+    def reads_segments(self) -> bool:
+        """Whether :meth:`forward` needs ``seg_embed`` (and, for the grounded term, ``assign``)."""
+        return (self.multi_label_pool == "max_segment" and self.multi_label_weight > 0) or self.grounded_seg_weight > 0
 
     def _label_ids(self, label_keys: Sequence[Iterable[Hashable]] | torch.Tensor, batch: int, device) -> torch.Tensor:
         """``[B, M]`` ids of every image's label keys (-1 = padding), the same M on every rank."""
@@ -265,6 +278,8 @@ class ContrastiveObjective(nn.Module):
         label_keys: Sequence[Iterable[Hashable]] | torch.Tensor | None = None,
         seg_embed: torch.Tensor | None = None,
         patch_embed: torch.Tensor | None = None,
+        assign: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         check_pair(image_embed, text_embed)
         batch, dim = image_embed.shape
@@ -305,6 +320,15 @@ class ContrastiveObjective(nn.Module):
                     mean_embed, prompt_embed, None, ml_log_scale, prompt_keys, label_keys)
             out["patch_mean"] = term
             loss = loss + self.patch_mean_weight * term
+        if self.grounded_seg_weight > 0:
+            if any(t is None for t in (patch_embed, seg_embed, assign, prompt_embed, prompt_mask)):
+                raise ValueError(
+                    "grounded_seg_weight > 0 needs patch_embed, seg_embed, assign, prompt_embed and prompt_mask"
+                )
+            grounded = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask,
+                                         logit_scale_value(ml_log_scale, self.max_logit_scale, image_embed))
+            out["grounded"] = grounded
+            loss = loss + self.grounded_seg_weight * grounded
         if self.prompt_uniformity_weight > 0:
             uni = self._prompt_uniformity(prompt_embed, prompt_keys)
             out["uniformity"] = uni

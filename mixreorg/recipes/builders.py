@@ -25,6 +25,7 @@ def build_objective(cfg: PretrainConfig) -> ContrastiveObjective:
         multi_label_pool=o.multi_label_pool,
         patch_label_weight=o.patch_label_weight,
         prompt_uniformity_weight=o.prompt_uniformity_weight,
+        grounded_seg_weight=o.grounded_seg_weight,
         patch_mean_weight=o.patch_mean_weight,
         bias_init=o.bias_init,
         ml_bias_init=o.ml_bias_init,

@@ -144,6 +144,7 @@ class ObjectiveConfig:
     patch_label_weight: float = 0.0  # [R] the prompt loss scored by each image's best patch
     prompt_uniformity_weight: float = 0.0  # [R] keep the prompts of distinct nouns apart
     patch_mean_weight: float = 0.0  # [R] caption + prompt losses on the mean patch embedding (no grouping)
+    grounded_seg_weight: float = 0.0  # [R] the grouping reproduces the patches' labels among the caption's nouns
     patch_label_tokens: str = "stage1"  # which patches: "stage1" (after its blocks) | "embed" (before any)
     bias_init: float = -10.0
     ml_bias_init: float | None = None
@@ -304,6 +305,8 @@ class PretrainConfig:
             problems.append(
                 f"objective.prompt_uniformity_weight must be >= 0, got {self.objective.prompt_uniformity_weight!r}"
             )
+        if not self.objective.grounded_seg_weight >= 0:
+            problems.append(f"objective.grounded_seg_weight must be >= 0, got {self.objective.grounded_seg_weight!r}")
         if not self.objective.patch_mean_weight >= 0:
             problems.append(f"objective.patch_mean_weight must be >= 0, got {self.objective.patch_mean_weight!r}")
         if self.objective.patch_label_tokens not in PATCH_LABEL_TOKENS:

@@ -149,7 +149,7 @@ class BatchBuilder:
         if cfg.objective.multi_label_weight > 0:
             rng = random.Random(f"{cfg.data.seed}/{step}/{self.rank}")
             k = cfg.data.num_prompts
-            prompts, pkeys = [], []
+            prompts, pkeys, from_caption = [], [], []
             prompt_nouns = nouns
             if cfg.data.prompt_phrases:
                 prompt_nouns = [list(ns) + noun_phrases(cap, ns) for cap, ns in zip(captions, nouns)]
@@ -157,8 +157,10 @@ class BatchBuilder:
                 ps, from_nouns = make_prompts(cap, k, rng, nouns=ns, return_nouns=True)
                 prompts.extend(ps)
                 pkeys.append([cap if n is None else n for n in from_nouns])  # filler prompts: the caption
+                from_caption.append([n is not None for n in from_nouns])
             batch["prompts"] = self._tokens(prompts, cache=True).reshape(len(captions), k, -1)
             keys["prompt"] = pkeys
+            batch["prompt_mask"] = torch.tensor(from_caption, dtype=torch.bool)  # [B, K] noun (not filler) prompts
             keys["label"] = [list(dict.fromkeys(list(ns) + [cap])) for cap, ns in zip(captions, prompt_nouns)]
             batch["prompt_keys"] = keys_to_ids([key for row in pkeys for key in row]).view(len(captions), k)
             width = max(len(labels) for labels in keys["label"])

@@ -33,7 +33,7 @@ from torch import nn
 
 from mixreorg.data.synthshapes import SynthShapes
 from mixreorg.losses import ContrastiveObjective
-from mixreorg.nn.groupvit import GroupViT
+from mixreorg.nn.groupvit import GroupViT, compose_assignments
 from mixreorg.nn.presets import TABLE6_ROWS
 from mixreorg.nn.supervised import SupervisedSegmenter
 
@@ -84,7 +84,7 @@ class GroupViTPretrainer(nn.Module):
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         gv = self.groupvit
         images, text = batch["images"], batch["text"]
-        needs_seg = self.objective.multi_label_pool == "max_segment" and self.objective.multi_label_weight > 0
+        needs_seg = bool(getattr(self.objective, "reads_segments", False))
         vis = gv.encode_image(images, return_maps=needs_seg)
         prompts = batch.get("prompts")
         patch_labels = bool(getattr(self.objective, "reads_patches", False))  # a per-patch or mean-patch term
@@ -108,6 +108,8 @@ class GroupViTPretrainer(nn.Module):
             label_keys=batch.get("label_keys"),
             seg_embed=vis.get("seg_embed") if needs_seg else None,
             patch_embed=gv.project_patches(vis[f"{self.patch_tokens}_tokens"]) if patch_labels else None,  # [B, L, D]
+            assign=compose_assignments(vis["hard_maps"]) if needs_seg else None,  # [B, S, N] straight-through
+            prompt_mask=batch.get("prompt_mask"),
         )
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:

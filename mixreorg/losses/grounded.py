@@ -1,0 +1,94 @@
+"""Caption-grounded segmentation: dense pseudo-labels from the caption's own nouns [R].
+
+Zero-shot over a whole vocabulary is hard early in training; telling which of ITS OWN caption's
+nouns a patch shows is easy much sooner, because a caption names few things and its modifiers are
+local ("a red circle and an orange ring on sand": red patches are the circle). The patch tokens,
+trained by the per-patch prompt term, give each patch a soft label over its image's noun prompts
+(the teacher, no gradient); the grouping path is trained to reproduce it patch by patch, each patch
+reading its segment's embedding through the straight-through hard map, as zero-shot inference
+labels it (the student). This is the supervised bound's per-pixel loss with the caption's nouns
+in place of the masks: it asks the grouping to give differently named parts different segments,
+which no image-level term does (the one-segment collapse of the tiny recipe). Not in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["grounded_seg_loss"]
+
+_MASKED = -1e4  # not -inf: a masked logit times a zero target must stay finite
+
+
+def _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask) -> None:
+    if patch_embed.ndim != 3 or seg_embed.ndim != 3 or prompt_embed.ndim != 3 or assign.ndim != 3:
+        raise ValueError(
+            "grounded_seg_loss needs patch_embed [B, L, D], seg_embed [B, S, D], assign [B, S, N] and "
+            f"prompt_embed [B, K, D], got {tuple(patch_embed.shape)}, {tuple(seg_embed.shape)}, "
+            f"{tuple(assign.shape)}, {tuple(prompt_embed.shape)}"
+        )
+    b, s, d = seg_embed.shape
+    k = prompt_embed.shape[1]
+    if (patch_embed.shape[0], patch_embed.shape[2], prompt_embed.shape[0], prompt_embed.shape[2]) != (b, d, b, d):
+        raise ValueError(
+            f"batch and embedding sizes differ: patch_embed {tuple(patch_embed.shape)}, seg_embed "
+            f"{tuple(seg_embed.shape)}, prompt_embed {tuple(prompt_embed.shape)}"
+        )
+    if assign.shape[:2] != (b, s):
+        raise ValueError(f"assign must be [B={b}, S={s}, N], got {tuple(assign.shape)}")
+    if prompt_mask.shape != (b, k) or prompt_mask.dtype != torch.bool:
+        raise ValueError(
+            f"prompt_mask must be a bool [B={b}, K={k}], got {prompt_mask.dtype} {tuple(prompt_mask.shape)}"
+        )
+
+
+def _square(n: int, what: str) -> int:
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise ValueError(f"{what}: {n} tokens are not a square grid")
+    return side
+
+
+def grounded_seg_loss(
+    patch_embed: torch.Tensor,
+    seg_embed: torch.Tensor,
+    assign: torch.Tensor,
+    prompt_embed: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """Soft cross-entropy, per grouped position, from the teacher's labels to the segments'.
+
+    Args:
+        patch_embed: ``[B, L, D]`` normalised patch embeddings on a square ``h x h`` grid (the
+            teacher; read without gradient).
+        seg_embed: ``[B, S, D]`` normalised segment embeddings.
+        assign: ``[B, S, N]`` the composed hard (straight-through) map from the segments to the
+            ``N = H x H`` grouped positions, ``H`` a multiple of ``h``.
+        prompt_embed: ``[B, K, D]`` normalised prompt embeddings, image ``i``'s own in row ``i``.
+        prompt_mask: ``[B, K]`` bool, the prompts built from a noun or phrase of the caption (caption
+            fillers are left out: they name everything at once).
+        scale: the logit scale (multiplier).
+
+    Images with fewer than two noun prompts tell nothing apart and count zero; the mean is over
+    the images that do (0 with a zero gradient when none does).
+    """
+    _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
+    b, n = assign.shape[0], assign.shape[2]
+    h, big = _square(patch_embed.shape[1], "patch_embed"), _square(n, "assign")
+    if big % h:
+        raise ValueError(f"the grouped grid ({big}x{big}) is not a multiple of the patch grid ({h}x{h})")
+    mask = prompt_mask.to(patch_embed.device)[:, None, :]  # [B, 1, K]
+    with torch.no_grad():
+        teach = torch.einsum("bld,bkd->blk", patch_embed.float(), prompt_embed.float()) * scale
+        target = teach.masked_fill(~mask, _MASKED).softmax(-1) * mask  # [B, L, K]
+        if big != h:  # each patch's label to the grouped positions it covers
+            grid = target.transpose(1, 2).reshape(b, -1, h, h)
+            target = F.interpolate(grid, size=(big, big), mode="nearest").flatten(2).transpose(1, 2)  # [B, N, K]
+    pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]: each position's segment
+    logits = torch.einsum("bnd,bkd->bnk", pos.float(), prompt_embed.float()) * scale
+    logp = logits.masked_fill(~mask, _MASKED).log_softmax(-1)
+    per_image = -(target * logp).sum(-1).mean(-1)  # [B]
+    counts = prompt_mask.sum(-1).to(per_image.device) >= 2
+    return (per_image * counts).sum() / counts.sum().clamp_min(1)

@@ -1,0 +1,120 @@
+"""grounded_seg_loss: the caption-grounded segmentation term, against a loop reference; its gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixreorg.losses import ContrastiveObjective
+from mixreorg.losses.grounded import grounded_seg_loss
+
+
+def _unit(*shape, gen):
+    return F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
+
+
+def _inputs(b, h, f, s, k, d, seed, min_nouns=0):
+    gen = torch.Generator().manual_seed(seed)
+    patch = _unit(b, h * h, d, gen=gen)
+    seg = _unit(b, s, d, gen=gen)
+    owner = torch.randint(0, s, (b, (h * f) ** 2), generator=gen)
+    assign = F.one_hot(owner, s).transpose(1, 2).double()  # [B, S, N]
+    prompts = _unit(b, k, d, gen=gen)
+    mask = torch.rand(b, k, generator=gen) < 0.7
+    mask[:, :min_nouns] = True
+    return patch, seg, assign, prompts, mask
+
+
+def _reference(patch, seg, assign, prompts, mask, scale):
+    """One image, one position at a time, in float64."""
+    b, hh, _ = patch.shape
+    h, n = round(hh**0.5), assign.shape[2]
+    big = round(n**0.5)
+    f = big // h
+    total, count = 0.0, 0
+    for i in range(b):
+        nouns = [j for j in range(prompts.shape[1]) if mask[i, j]]
+        if len(nouns) < 2:
+            continue
+        acc = 0.0
+        for pos in range(n):
+            r, c = divmod(pos, big)
+            p = (r // f) * h + c // f  # the patch covering this grouped position
+            target = torch.softmax(torch.stack([scale * patch[i, p] @ prompts[i, j] for j in nouns]), 0)
+            s = int(assign[i, :, pos].argmax())
+            logp = torch.log_softmax(torch.stack([scale * seg[i, s] @ prompts[i, j] for j in nouns]), 0)
+            acc += -(target * logp).sum()
+        total += acc / n
+        count += 1
+    return torch.as_tensor(total / max(count, 1), dtype=torch.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3), h=st.integers(1, 3), f=st.sampled_from([1, 2]), s=st.integers(1, 4),
+    k=st.integers(1, 5), seed=st.integers(0, 10_000), scale=st.sampled_from([1.0, 14.0]),
+)
+def test_matches_the_loop_reference(b, h, f, s, k, seed, scale):
+    inputs = _inputs(b, h, f, s, k, 8, seed)
+    got = grounded_seg_loss(*inputs, scale)
+    torch.testing.assert_close(got.double(), _reference(*inputs, scale), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_segments_map_and_prompts_not_the_teacher():
+    patch, seg, assign, prompts, mask = _inputs(3, 2, 2, 4, 5, 16, seed=1, min_nouns=2)
+    for t in (patch, seg, assign, prompts):
+        t.requires_grad_(True)
+    grounded_seg_loss(patch, seg, assign, prompts, mask, 10.0).backward()
+    assert patch.grad is None or not patch.grad.any()  # the teacher's labels are constants
+    for t in (seg, assign, prompts):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+    # masked (caption filler) prompts neither teach nor learn
+    assert not prompts.grad[~mask].any()
+
+
+def test_splitting_what_the_teacher_tells_apart_lowers_the_loss():
+    # two nouns, the left half of the patches shows the first, the right half the second
+    d = 4
+    nouns = torch.eye(d, dtype=torch.float64)[:2][None]  # [1, 2, D]
+    patch = torch.zeros(1, 4, d, dtype=torch.float64)
+    patch[0, [0, 2], 0] = 1.0
+    patch[0, [1, 3], 1] = 1.0
+    seg = torch.eye(d, dtype=torch.float64)[:2][None]  # segment 0 ~ noun 0, segment 1 ~ noun 1
+    split = torch.tensor([[[1.0, 0, 1, 0], [0, 1, 0, 1]]], dtype=torch.float64)
+    collapsed = torch.tensor([[[1.0, 1, 1, 1], [0, 0, 0, 0]]], dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    assert grounded_seg_loss(patch, seg, split, nouns, mask, 10.0) < grounded_seg_loss(
+        patch, seg, collapsed, nouns, mask, 10.0) - 1.0
+
+
+def test_images_naming_fewer_than_two_things_count_zero():
+    patch, seg, assign, prompts, mask = _inputs(2, 2, 1, 3, 3, 8, seed=2)
+    mask[:] = False
+    mask[0, 0] = True
+    seg.requires_grad_(True)
+    loss = grounded_seg_loss(patch, seg, assign, prompts, mask, 10.0)
+    loss.backward()
+    assert loss.item() == 0.0 and not seg.grad.any()
+
+
+def test_bad_input_names_the_problem():
+    patch, seg, assign, prompts, mask = _inputs(2, 2, 2, 3, 3, 8, seed=3)
+    with pytest.raises(ValueError, match="assign must be"):
+        grounded_seg_loss(patch, seg, assign[:, :2], prompts, mask, 1.0)
+    with pytest.raises(ValueError, match="prompt_mask"):
+        grounded_seg_loss(patch, seg, assign, prompts, mask.long(), 1.0)
+    with pytest.raises(ValueError, match="not a square"):
+        grounded_seg_loss(patch[:, :3], seg, assign, prompts, mask, 1.0)
+    with pytest.raises(ValueError, match="not a multiple"):
+        grounded_seg_loss(patch, seg, assign[:, :, :9], prompts, mask, 1.0)
+    with pytest.raises(ValueError, match="sizes differ"):
+        grounded_seg_loss(patch[:1], seg, assign, prompts, mask, 1.0)
+    objective = ContrastiveObjective(grounded_seg_weight=1.0)
+    img, txt = F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(2, 8), dim=-1)
+    with pytest.raises(ValueError, match="grounded_seg_weight > 0 needs"):
+        objective(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=prompts.float(), patch_embed=patch.float())
+    with pytest.raises(ValueError, match="grounded_seg_weight must be"):
+        ContrastiveObjective(grounded_seg_weight=-1.0)
