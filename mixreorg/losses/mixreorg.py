@@ -109,7 +109,8 @@ class MixReorgLoss(nn.Module):
         self.seg = MixedSegmentationLoss()
         self.seg_weight, self.original_weight, self.restored_weight = seg_weight, original_weight, restored_weight
         self.patch_seg_weight = float(patch_seg_weight)
-        self._reads_segments = getattr(self.contrastive, "multi_label_pool", "image") == "max_segment"
+        self._reads_segments = bool(getattr(self.contrastive, "reads_segments", False))
+        self._grounded = getattr(self.contrastive, "grounded_seg_weight", 0.0) > 0
         self.reads_patches = bool(getattr(self.contrastive, "reads_patches", False))
         self.merge_duplicate_captions = merge_duplicate_captions
 
@@ -123,6 +124,8 @@ class MixReorgLoss(nn.Module):
                 continue
             # an objective that scores prompts by the best segment reads this branch's segments
             seg = {"seg_embed": out[name]["seg_embed"]} if self._reads_segments else {}
+            if self._grounded:  # the caption-grounded term reads this branch's hard map
+                seg["assign"] = out[name]["assign"]
             if self.reads_patches:  # a per-patch prompt term reads this branch's own patches
                 if out[name].get("patch_embed") is None:
                     raise ValueError(f"the objective's patch_label_weight / patch_mean_weight needs "

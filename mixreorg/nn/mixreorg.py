@@ -239,7 +239,8 @@ class MixReorg(nn.Module):
 
         Returns ``dict(original=..., mixed=..., restored=..., plan=MixPlan, grid=(h, w))`` where
         each branch is the projected output dict (``image_embed [B, D]``, ``seg_embed
-        [B, S, D]``, ``hard_maps``, ``soft_maps``, ``tokens``, ``pooled``), plus
+        [B, S, D]``, ``hard_maps``, ``soft_maps``, ``tokens``, ``pooled`` and ``assign``, the composed
+        hard map ``[B, S_final, N_0]``), plus
         ``stage1`` = dict of the stage-1 patch tokens of each branch (for tests and analysis), and
         ``embed_tokens [B, L, C]``: the original images' embedded patches before any block.
         """
@@ -286,6 +287,7 @@ class MixReorg(nn.Module):
                 "hard_maps": [m[sl] for m in out["hard_maps"]],
                 "soft_maps": [m[sl] for m in out["soft_maps"]],
             }
+            branches[name]["assign"] = compose_assignments(branches[name]["hard_maps"])  # [B, S_final, N_0]
         branches.update(plan=plan, grid=grid, stage1={"original": x_o, "mixed": x_m, "restored": x_r},
                         embed_tokens=embed_tokens)
         return branches

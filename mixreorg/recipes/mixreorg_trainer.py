@@ -70,7 +70,8 @@ class MixReorgPretrainer(nn.Module):
         images, text = batch["images"], batch["text"]
         obj = self.objective
         uses_prompts = any(getattr(obj, w, d) for w, d in (
-            ("multi_label_weight", 1.0), ("patch_label_weight", 0.0), ("prompt_uniformity_weight", 0.0)))
+            ("multi_label_weight", 1.0), ("patch_label_weight", 0.0), ("prompt_uniformity_weight", 0.0),
+            ("grounded_seg_weight", 0.0)))
         prompts = batch.get("prompts") if uses_prompts else None
         out = self.model(images, text, prompt_ids=prompts, plan=batch.get("plan"),
                          patch_embed=self.loss.patch_seg_weight > 0,
@@ -79,7 +80,7 @@ class MixReorgPretrainer(nn.Module):
         if keys is None:
             captions = batch.get("captions")
             keys = text_ids(captions).to(images.device) if captions is not None else token_row_keys(text)
-        extra = {k: batch.get(k) for k in ("text_keys", "prompt_keys", "label_keys")}
+        extra = {k: batch.get(k) for k in ("text_keys", "prompt_keys", "label_keys", "prompt_mask")}
         return self.loss(out, caption_keys=keys, **extra)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
