@@ -28,8 +28,8 @@ def _inputs(b, h, f, s, k, d, seed, min_nouns=0):
     return patch, seg, assign, prompts, mask
 
 
-def _reference(patch, seg, assign, prompts, mask, scale):
-    """One image, one position at a time, in float64."""
+def _reference(patch, seg, assign, prompts, mask, scale, ids=None):
+    """One image, one position at a time, in float64 (``ids``: the batch scope)."""
     b, hh, _ = patch.shape
     h, n = round(hh**0.5), assign.shape[2]
     big = round(n**0.5)
@@ -45,8 +45,15 @@ def _reference(patch, seg, assign, prompts, mask, scale):
             p = (r // f) * h + c // f  # the patch covering this grouped position
             target = torch.softmax(torch.stack([scale * patch[i, p] @ prompts[i, j] for j in nouns]), 0)
             s = int(assign[i, :, pos].argmax())
-            logp = torch.log_softmax(torch.stack([scale * seg[i, s] @ prompts[i, j] for j in nouns]), 0)
-            acc += -(target * logp).sum()
+            if ids is None:
+                logp = torch.log_softmax(torch.stack([scale * seg[i, s] @ prompts[i, j] for j in nouns]), 0)
+                acc += -(target * logp).sum()
+                continue
+            every = [(a, j) for a in range(b) for j in range(prompts.shape[1]) if mask[a, j]]
+            logp = torch.log_softmax(torch.stack([scale * seg[i, s] @ prompts[a, j] for a, j in every]), 0)
+            for t, j in zip(target, nouns):  # own prompt j's mass, shared by the prompts with its id
+                same = [m for m, (a, jj) in enumerate(every) if ids[a, jj] == ids[i, j]]
+                acc += -(t * logp[same]).sum() / len(same)
         total += acc / n
         count += 1
     return torch.as_tensor(total / max(count, 1), dtype=torch.float64)
@@ -61,6 +68,9 @@ def test_matches_the_loop_reference(b, h, f, s, k, seed, scale):
     inputs = _inputs(b, h, f, s, k, 8, seed)
     got = grounded_seg_loss(*inputs, scale)
     torch.testing.assert_close(got.double(), _reference(*inputs, scale), rtol=1e-5, atol=1e-6)
+    ids = torch.randint(0, 3, (b, k), generator=torch.Generator().manual_seed(seed))  # shared keys too
+    got = grounded_seg_loss(*inputs, scale, scope="batch", prompt_ids=ids)
+    torch.testing.assert_close(got.double(), _reference(*inputs, scale, ids=ids), rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_reach_segments_map_and_prompts_not_the_teacher():
@@ -110,6 +120,10 @@ def test_bad_input_names_the_problem():
         grounded_seg_loss(patch[:, :3], seg, assign, prompts, mask, 1.0)
     with pytest.raises(ValueError, match="not a multiple"):
         grounded_seg_loss(patch, seg, assign[:, :, :9], prompts, mask, 1.0)
+    with pytest.raises(ValueError, match="scope must be"):
+        grounded_seg_loss(patch, seg, assign, prompts, mask, 1.0, scope="vocabulary")
+    with pytest.raises(ValueError, match="needs prompt_ids"):
+        grounded_seg_loss(patch, seg, assign, prompts, mask, 1.0, scope="batch")
     with pytest.raises(ValueError, match="sizes differ"):
         grounded_seg_loss(patch[:1], seg, assign, prompts, mask, 1.0)
     objective = ContrastiveObjective(grounded_seg_weight=1.0)

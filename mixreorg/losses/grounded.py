@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grounded_seg_loss"]
+__all__ = ["grounded_seg_loss", "GROUNDED_SCOPES"]
+
+GROUNDED_SCOPES = ("image", "batch")  # what a position's segment is told apart from
 
 _MASKED = -1e4  # not -inf: a masked logit times a zero target must stay finite
 
@@ -57,6 +59,9 @@ def grounded_seg_loss(
     prompt_embed: torch.Tensor,
     prompt_mask: torch.Tensor,
     scale: torch.Tensor | float,
+    *,
+    scope: str = "image",
+    prompt_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft cross-entropy, per grouped position, from the teacher's labels to the segments'.
 
@@ -70,11 +75,19 @@ def grounded_seg_loss(
         prompt_mask: ``[B, K]`` bool, the prompts built from a noun or phrase of the caption (caption
             fillers are left out: they name everything at once).
         scale: the logit scale (multiplier).
+        scope: ``"image"``: a segment is told apart from its own image's other noun prompts only;
+            ``"batch"``: from every noun prompt of the batch, the teacher's mass on a prompt shared
+            equally by the prompts with its key (``prompt_ids [B, K]``), as zero-shot inference
+            tells a segment apart from the whole vocabulary.
 
     Images with fewer than two noun prompts tell nothing apart and count zero; the mean is over
     the images that do (0 with a zero gradient when none does).
     """
     _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
+    if scope not in GROUNDED_SCOPES:
+        raise ValueError(f"scope must be one of {GROUNDED_SCOPES}, got {scope!r}")
+    if scope == "batch" and (prompt_ids is None or prompt_ids.shape != prompt_mask.shape):
+        raise ValueError(f"scope='batch' needs prompt_ids shaped like prompt_mask {tuple(prompt_mask.shape)}")
     b, n = assign.shape[0], assign.shape[2]
     h, big = _square(patch_embed.shape[1], "patch_embed"), _square(n, "assign")
     if big % h:
@@ -87,8 +100,19 @@ def grounded_seg_loss(
             grid = target.transpose(1, 2).reshape(b, -1, h, h)
             target = F.interpolate(grid, size=(big, big), mode="nearest").flatten(2).transpose(1, 2)  # [B, N, K]
     pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]: each position's segment
-    logits = torch.einsum("bnd,bkd->bnk", pos.float(), prompt_embed.float()) * scale
-    logp = logits.masked_fill(~mask, _MASKED).log_softmax(-1)
+    if scope == "image":
+        logits = torch.einsum("bnd,bkd->bnk", pos.float(), prompt_embed.float()) * scale
+        logp = logits.masked_fill(~mask, _MASKED).log_softmax(-1)
+    else:
+        k = prompt_embed.shape[1]
+        flat_mask = prompt_mask.reshape(1, 1, b * k).to(pos.device)
+        logits = torch.einsum("bnd,md->bnm", pos.float(), prompt_embed.reshape(b * k, -1).float()) * scale
+        logp = logits.masked_fill(~flat_mask, _MASKED).log_softmax(-1)  # [B, N, B*K]
+        with torch.no_grad():
+            ids = prompt_ids.to(pos.device)
+            same = (ids[:, :, None] == ids.reshape(1, 1, b * k)) & flat_mask[0]  # [B, K, B*K]
+            spread = same.float() / same.sum(-1, keepdim=True).clamp_min(1)
+            target = torch.einsum("bnk,bkm->bnm", target, spread)  # [B, N, B*K]
     per_image = -(target * logp).sum(-1).mean(-1)  # [B]
     counts = prompt_mask.sum(-1).to(per_image.device) >= 2
     return (per_image * counts).sum() / counts.sum().clamp_min(1)

@@ -67,7 +67,7 @@ from .contrastive import (
     logit_scale_value,
     prompt_loss,
 )
-from .grounded import grounded_seg_loss
+from .grounded import GROUNDED_SCOPES, grounded_seg_loss
 
 __all__ = ["ContrastiveObjective", "MULTI_LABEL_POOLS", "label_key_ids"]
 
@@ -180,6 +180,7 @@ class ContrastiveObjective(nn.Module):
         prompt_uniformity_weight: float = 0.0,
         patch_mean_weight: float = 0.0,
         grounded_seg_weight: float = 0.0,
+        grounded_seg_scope: str = "image",
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -209,6 +210,9 @@ class ContrastiveObjective(nn.Module):
         self.prompt_uniformity_weight = float(prompt_uniformity_weight)
         self.patch_mean_weight = float(patch_mean_weight)
         self.grounded_seg_weight = float(grounded_seg_weight)
+        if grounded_seg_scope not in GROUNDED_SCOPES:
+            raise ValueError(f"grounded_seg_scope must be one of {GROUNDED_SCOPES}, got {grounded_seg_scope!r}")
+        self.grounded_seg_scope = grounded_seg_scope
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -325,8 +329,14 @@ class ContrastiveObjective(nn.Module):
                 raise ValueError(
                     "grounded_seg_weight > 0 needs patch_embed, seg_embed, assign, prompt_embed and prompt_mask"
                 )
+            ids = None
+            if self.grounded_seg_scope == "batch":
+                if prompt_keys is None:
+                    raise ValueError("grounded_seg_scope='batch' needs prompt_keys")
+                ids = _ids(prompt_keys, "prompt_keys", tuple(prompt_mask.shape))
             grounded = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask,
-                                         logit_scale_value(ml_log_scale, self.max_logit_scale, image_embed))
+                                         logit_scale_value(ml_log_scale, self.max_logit_scale, image_embed),
+                                         scope=self.grounded_seg_scope, prompt_ids=ids)
             out["grounded"] = grounded
             loss = loss + self.grounded_seg_weight * grounded
         if self.prompt_uniformity_weight > 0:

@@ -26,6 +26,7 @@ def build_objective(cfg: PretrainConfig) -> ContrastiveObjective:
         patch_label_weight=o.patch_label_weight,
         prompt_uniformity_weight=o.prompt_uniformity_weight,
         grounded_seg_weight=o.grounded_seg_weight,
+        grounded_seg_scope=o.grounded_seg_scope,
         patch_mean_weight=o.patch_mean_weight,
         bias_init=o.bias_init,
         ml_bias_init=o.ml_bias_init,
