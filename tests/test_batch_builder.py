@@ -83,14 +83,22 @@ def test_prompt_phrases_add_the_modified_nouns_as_their_own_keys() -> None:
     plain = BatchBuilder(_cfg("data.num_prompts=6"), 32)(raw, step=3)
     batch = BatchBuilder(_cfg("data.num_prompts=6", "data.prompt_phrases=true"), 32)(raw, step=3)
     seen_phrase = False
-    for cap, nouns, pkeys, labels in zip(raw["caption"], raw["nouns"], batch["keys"]["prompt"], batch["keys"]["label"]):
+    keys = batch["keys"]
+    rows = zip(raw["caption"], raw["nouns"], keys["prompt"], keys["label"], keys["prompt_head"])
+    for cap, nouns, pkeys, labels, heads in rows:
         phrases = noun_phrases(cap, nouns)
         # SynthShapes names every shape with its colour: each named shape has a phrase, only they do
         assert {p.split()[-1] for p in phrases} == {n for n in nouns if n in SynthShapes.THINGS}
         assert labels == list(dict.fromkeys([*nouns, *phrases, cap]))
         assert set(pkeys) <= set(nouns) | set(phrases) | {cap}
         seen_phrase |= bool(set(pkeys) & set(phrases))
+        # a phrase's head is the noun it modifies; a noun is its own head
+        for key, head in zip(pkeys, heads):
+            assert head == (key.split()[-1] if key in phrases else key)
     assert seen_phrase
+    flat = [h for row in batch["keys"]["prompt_head"] for h in row]
+    assert torch.equal(batch["prompt_heads"], keys_to_ids(flat).view_as(batch["prompt_keys"]))
+    assert torch.equal(plain["prompt_heads"], plain["prompt_keys"])  # no phrases: every prompt is its own head
     # the caption keys stay the bare nouns: same colours or not, captions naming the same shapes agree
     assert batch["keys"]["text"] == plain["keys"]["text"]
     assert torch.equal(batch["text_keys"], plain["text_keys"])

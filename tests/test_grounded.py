@@ -69,8 +69,9 @@ def test_matches_the_loop_reference(b, h, f, s, k, seed, scale):
     got = grounded_seg_loss(*inputs, scale)
     torch.testing.assert_close(got.double(), _reference(*inputs, scale), rtol=1e-5, atol=1e-6)
     ids = torch.randint(0, 3, (b, k), generator=torch.Generator().manual_seed(seed))  # shared keys too
-    got = grounded_seg_loss(*inputs, scale, scope="batch", prompt_ids=ids)
-    torch.testing.assert_close(got.double(), _reference(*inputs, scale, ids=ids), rtol=1e-5, atol=1e-6)
+    for scope in ("batch", "noun"):  # "noun": the same sharing, by head-noun ids
+        got = grounded_seg_loss(*inputs, scale, scope=scope, prompt_ids=ids)
+        torch.testing.assert_close(got.double(), _reference(*inputs, scale, ids=ids), rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_reach_segments_map_and_prompts_not_the_teacher():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 __all__ = ["grounded_seg_loss", "GROUNDED_SCOPES"]
 
-GROUNDED_SCOPES = ("image", "batch")  # what a position's segment is told apart from
+GROUNDED_SCOPES = ("image", "batch", "noun")  # what a position's segment is told apart from
 
 _MASKED = -1e4  # not -inf: a masked logit times a zero target must stay finite
 
@@ -78,7 +78,10 @@ def grounded_seg_loss(
         scope: ``"image"``: a segment is told apart from its own image's other noun prompts only;
             ``"batch"``: from every noun prompt of the batch, the teacher's mass on a prompt shared
             equally by the prompts with its key (``prompt_ids [B, K]``), as zero-shot inference
-            tells a segment apart from the whole vocabulary.
+            tells a segment apart from the whole vocabulary; ``"noun"``: as ``"batch"`` with
+            ``prompt_ids`` the prompts' head nouns, so that the mass the teacher puts on "red
+            circle" (found by its colour) goes to every prompt naming a circle: the colour
+            localises, the noun labels.
 
     Images with fewer than two noun prompts tell nothing apart and count zero; the mean is over
     the images that do (0 with a zero gradient when none does).
@@ -86,8 +89,8 @@ def grounded_seg_loss(
     _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
     if scope not in GROUNDED_SCOPES:
         raise ValueError(f"scope must be one of {GROUNDED_SCOPES}, got {scope!r}")
-    if scope == "batch" and (prompt_ids is None or prompt_ids.shape != prompt_mask.shape):
-        raise ValueError(f"scope='batch' needs prompt_ids shaped like prompt_mask {tuple(prompt_mask.shape)}")
+    if scope != "image" and (prompt_ids is None or prompt_ids.shape != prompt_mask.shape):
+        raise ValueError(f"scope={scope!r} needs prompt_ids shaped like prompt_mask {tuple(prompt_mask.shape)}")
     b, n = assign.shape[0], assign.shape[2]
     h, big = _square(patch_embed.shape[1], "patch_embed"), _square(n, "assign")
     if big % h:

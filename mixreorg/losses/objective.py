@@ -284,6 +284,7 @@ class ContrastiveObjective(nn.Module):
         patch_embed: torch.Tensor | None = None,
         assign: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        prompt_heads: Sequence[Sequence[Hashable]] | torch.Tensor | None = None,
     ) -> dict[str, Any]:
         check_pair(image_embed, text_embed)
         batch, dim = image_embed.shape
@@ -330,10 +331,12 @@ class ContrastiveObjective(nn.Module):
                     "grounded_seg_weight > 0 needs patch_embed, seg_embed, assign, prompt_embed and prompt_mask"
                 )
             ids = None
-            if self.grounded_seg_scope == "batch":
-                if prompt_keys is None:
-                    raise ValueError("grounded_seg_scope='batch' needs prompt_keys")
-                ids = _ids(prompt_keys, "prompt_keys", tuple(prompt_mask.shape))
+            if self.grounded_seg_scope != "image":
+                which = prompt_keys if self.grounded_seg_scope == "batch" else prompt_heads
+                name = "prompt_keys" if self.grounded_seg_scope == "batch" else "prompt_heads"
+                if which is None:
+                    raise ValueError(f"grounded_seg_scope={self.grounded_seg_scope!r} needs {name}")
+                ids = _ids(which, name, tuple(prompt_mask.shape))
             grounded = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask,
                                          logit_scale_value(ml_log_scale, self.max_logit_scale, image_embed),
                                          scope=self.grounded_seg_scope, prompt_ids=ids)

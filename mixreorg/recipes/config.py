@@ -145,7 +145,7 @@ class ObjectiveConfig:
     prompt_uniformity_weight: float = 0.0  # [R] keep the prompts of distinct nouns apart
     patch_mean_weight: float = 0.0  # [R] caption + prompt losses on the mean patch embedding (no grouping)
     grounded_seg_weight: float = 0.0  # [R] the grouping reproduces the patches' labels among the caption's nouns
-    grounded_seg_scope: str = "image"  # [R] "image" | "batch": what each segment is told apart from
+    grounded_seg_scope: str = "image"  # [R] "image" | "batch" | "noun": what each segment is told apart from
     patch_label_tokens: str = "stage1"  # which patches: "stage1" (after its blocks) | "embed" (before any)
     bias_init: float = -10.0
     ml_bias_init: float | None = None
@@ -306,9 +306,9 @@ class PretrainConfig:
             problems.append(
                 f"objective.prompt_uniformity_weight must be >= 0, got {self.objective.prompt_uniformity_weight!r}"
             )
-        if self.objective.grounded_seg_scope not in ("image", "batch"):
+        if self.objective.grounded_seg_scope not in ("image", "batch", "noun"):
             problems.append(
-                f"objective.grounded_seg_scope must be image|batch, got {self.objective.grounded_seg_scope!r}"
+                f"objective.grounded_seg_scope must be image|batch|noun, got {self.objective.grounded_seg_scope!r}"
             )
         if not self.objective.grounded_seg_weight >= 0:
             problems.append(f"objective.grounded_seg_weight must be >= 0, got {self.objective.grounded_seg_weight!r}")

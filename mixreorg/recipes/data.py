@@ -149,20 +149,24 @@ class BatchBuilder:
         if cfg.objective.multi_label_weight > 0:
             rng = random.Random(f"{cfg.data.seed}/{step}/{self.rank}")
             k = cfg.data.num_prompts
-            prompts, pkeys, from_caption = [], [], []
-            prompt_nouns = nouns
+            prompts, pkeys, pheads, from_caption = [], [], [], []
+            prompt_nouns, heads = nouns, [{} for _ in captions]
             if cfg.data.prompt_phrases:
-                prompt_nouns = [list(ns) + noun_phrases(cap, ns) for cap, ns in zip(captions, nouns)]
-            for cap, ns in zip(captions, prompt_nouns):
+                heads = [_phrase_heads(cap, ns) for cap, ns in zip(captions, nouns)]
+                prompt_nouns = [list(ns) + list(h) for ns, h in zip(nouns, heads)]
+            for cap, ns, head in zip(captions, prompt_nouns, heads):
                 ps, from_nouns = make_prompts(cap, k, rng, nouns=ns, return_nouns=True)
                 prompts.extend(ps)
                 pkeys.append([cap if n is None else n for n in from_nouns])  # filler prompts: the caption
+                pheads.append([cap if n is None else head.get(n, n) for n in from_nouns])  # "red circle" -> "circle"
                 from_caption.append([n is not None for n in from_nouns])
             batch["prompts"] = self._tokens(prompts, cache=True).reshape(len(captions), k, -1)
             keys["prompt"] = pkeys
             batch["prompt_mask"] = torch.tensor(from_caption, dtype=torch.bool)  # [B, K] noun (not filler) prompts
             keys["label"] = [list(dict.fromkeys(list(ns) + [cap])) for cap, ns in zip(captions, prompt_nouns)]
             batch["prompt_keys"] = keys_to_ids([key for row in pkeys for key in row]).view(len(captions), k)
+            keys["prompt_head"] = pheads
+            batch["prompt_heads"] = keys_to_ids([key for row in pheads for key in row]).view(len(captions), k)
             width = max(len(labels) for labels in keys["label"])
             batch["label_keys"] = label_key_ids(keys["label"], -(-width // self.LABEL_WIDTH) * self.LABEL_WIDTH)
         if cfg.data.text_keys == "caption":
@@ -175,6 +179,12 @@ class BatchBuilder:
             batch["text_keys"] = keys_to_ids(keys["text"])
         batch["keys"] = keys
         return batch
+
+
+def _phrase_heads(caption: str, nouns: Sequence[str]) -> dict[str, str]:
+    """``{phrase: the noun it modifies}`` for the caption's noun phrases, in the caption's order."""
+    head = {p: n for n in nouns for p in noun_phrases(caption, [n])}
+    return {p: head[p] for p in noun_phrases(caption, nouns)}
 
 
 def token_row_keys(token_ids: torch.Tensor) -> torch.Tensor:

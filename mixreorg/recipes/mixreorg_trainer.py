@@ -80,7 +80,7 @@ class MixReorgPretrainer(nn.Module):
         if keys is None:
             captions = batch.get("captions")
             keys = text_ids(captions).to(images.device) if captions is not None else token_row_keys(text)
-        extra = {k: batch.get(k) for k in ("text_keys", "prompt_keys", "label_keys", "prompt_mask")}
+        extra = {k: batch.get(k) for k in ("text_keys", "prompt_keys", "label_keys", "prompt_mask", "prompt_heads")}
         return self.loss(out, caption_keys=keys, **extra)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class GroupViTPretrainer(nn.Module):
             patch_embed=gv.project_patches(vis[f"{self.patch_tokens}_tokens"]) if patch_labels else None,  # [B, L, D]
             assign=compose_assignments(vis["hard_maps"]) if needs_seg else None,  # [B, S, N] straight-through
             prompt_mask=batch.get("prompt_mask"),
+            prompt_heads=batch.get("prompt_heads"),
         )
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
