@@ -90,6 +90,9 @@ class BatchBuilder:
     ``[B]`` (``data.text_keys``), ``prompt_keys`` ``[B, K]`` (each prompt's noun, or the caption for
     filler prompts) and ``label_keys`` ``[B, M]`` (the image's nouns and its caption, -1 padded to a
     multiple of 8). ``keys`` holds the same keys readable (``text`` / ``prompt`` / ``label`` lists).
+    With prompts also ``prompt_mask`` ``[B, K]`` (bool: built from a noun, not a caption filler) and
+    ``prompt_heads`` ``[B, K]`` ids (the noun a prompt names: a phrase's head noun with
+    ``data.prompt_phrases``, else the prompt's own key; readable as ``keys["prompt_head"]``).
     The prompt draw for a step depends only on ``(seed, step, rank)``: resumable.
 
     ``with_masks``: also pass the stream's ``mask`` as ``masks`` (models with ``needs_masks``).
