@@ -84,7 +84,8 @@ def grounded_seg_loss(
             localises, the noun labels.
 
     Images with fewer than two noun prompts tell nothing apart and count zero; the mean is over
-    the images that do (0 with a zero gradient when none does).
+    the images that do (0 with a zero gradient when none does). Under ``torch.distributed`` the
+    batch and noun scopes contrast the rank's own prompts only (nothing is gathered).
     """
     _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
     if scope not in GROUNDED_SCOPES:
