@@ -135,24 +135,6 @@ def test_bad_input_names_the_problem():
         ContrastiveObjective(grounded_seg_weight=-1.0)
 
 
-def _flat(d, pre=""):
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-    return out
-
-
-def test_tiny_grounded_presets_change_only_the_objective():
-    from mixreorg.recipes.config import get_preset
-
-    for new, old in (("tiny_grounded", "tiny_hybrid"), ("tiny_grounded_mixreorg", "tiny_hybrid_mixreorg")):
-        a, b = _flat(get_preset(new).to_dict()), _flat(get_preset(old).to_dict())
-        changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
-        assert changed == {"preset", "train.out_dir", "data.prompt_phrases", "data.num_prompts",
-                           "objective.patch_label_weight", "objective.prompt_uniformity_weight",
-                           "objective.grounded_seg_weight", "objective.grounded_seg_scope"}, changed
-
-
 @pytest.mark.parametrize("name", ["groupvit", "mixreorg"])
 def test_the_grounded_term_trains_the_grouping_of_both_models(name):
     """One real batch (SynthShapes, the batch builder) through each trainer on ``tiny_grounded``: the

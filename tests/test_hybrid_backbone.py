@@ -184,6 +184,13 @@ def test_mixreorg_on_fine_grouping():
     assert a["grid"] == (8, 8)
 
 
+def _flat(d, pre=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+    return out
+
+
 def test_tiny_hybrid_presets_are_the_tiny_ones_on_the_hybrid_backbone():
     """``tiny_hybrid`` / ``tiny_hybrid_mixreorg`` differ from ``tiny`` / ``tiny_mixreorg`` only in the
     backbone and the supervised bound's switches, and every trainer model builds on them and groups
@@ -191,19 +198,13 @@ def test_tiny_hybrid_presets_are_the_tiny_ones_on_the_hybrid_backbone():
     from mixreorg.recipes.config import get_preset
     from mixreorg.recipes.models import build_model
 
-    def flat(d, pre=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-
     for new, old in (("tiny_hybrid", "tiny"), ("tiny_hybrid_mixreorg", "tiny_mixreorg")):
-        a, b = flat(get_preset(new).to_dict()), flat(get_preset(old).to_dict())
+        a, b = _flat(get_preset(new).to_dict()), _flat(get_preset(old).to_dict())
         changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
         assert changed == {"preset", "train.out_dir", "model.vision.stem", "model.vision.stem_depths",
                            "model.vision.stem_zero_init", "model.vision.group_patch_size",
                            "model.supervised_maps", "model.supervised_aux"}, changed
-    a, b = flat(get_preset("tiny_hybrid_supervised").to_dict()), flat(get_preset("tiny_hybrid").to_dict())
+    a, b = _flat(get_preset("tiny_hybrid_supervised").to_dict()), _flat(get_preset("tiny_hybrid").to_dict())
     assert {k for k in a if a[k] != b[k]} == {"preset", "train.out_dir", "model.name", "train.batch_size",
                                                "optim.base_batch", "optim.warmup_steps", "train.steps",
                                                "train.time_limit"}
@@ -219,3 +220,14 @@ def test_tiny_hybrid_presets_are_the_tiny_ones_on_the_hybrid_backbone():
         assert enc.fine_tokens is not None and enc.patch_embed.proj.__class__.__name__ == "ConvTrunk"
         out = enc.eval()(images, return_maps=True)
         assert out["grid"] == (16, 16) and out["soft_maps"][0].shape == (2, 8, 256)
+
+
+def test_tiny_grounded_presets_change_only_the_objective():
+    from mixreorg.recipes.config import get_preset
+
+    for new, old in (("tiny_grounded", "tiny_hybrid"), ("tiny_grounded_mixreorg", "tiny_hybrid_mixreorg")):
+        a, b = _flat(get_preset(new).to_dict()), _flat(get_preset(old).to_dict())
+        changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+        assert changed == {"preset", "train.out_dir", "data.prompt_phrases", "data.num_prompts",
+                           "objective.patch_label_weight", "objective.prompt_uniformity_weight",
+                           "objective.grounded_seg_weight", "objective.grounded_seg_scope"}, changed

@@ -27,6 +27,7 @@ from mixreorg.text import (
     noun_phrases,
     tokenize,
 )
+from mixreorg.text.nouns import phrase_heads
 
 # ---------------------------------------------------------------- tokenizer
 
@@ -290,3 +291,9 @@ def test_make_prompts_bad_input():
         make_prompts("a cat", 1, 0, templates=[])
     with pytest.raises(ValueError, match="rng"):
         make_prompts("a cat", 1, rng=1.5)  # type: ignore[arg-type]
+
+
+def test_phrase_heads_name_the_noun_each_phrase_modifies():
+    caption = "a red circle, a big blue Traffic Lights pole and a red circle."
+    assert phrase_heads(caption, ["circle", "Traffic Light"]) == [
+        ("red circle", "circle"), ("big blue traffic light", "Traffic Light")]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mixreorg.losses import keys_to_ids, label_key_ids
 from mixreorg.text import make_prompts, tokenize
-from mixreorg.text.nouns import extract_nouns, noun_phrases
+from mixreorg.text.nouns import extract_nouns, phrase_heads
 
 from .config import PretrainConfig
 
@@ -155,7 +155,7 @@ class BatchBuilder:
             prompts, pkeys, pheads, from_caption = [], [], [], []
             prompt_nouns, heads = nouns, [{} for _ in captions]
             if cfg.data.prompt_phrases:
-                heads = [_phrase_heads(cap, ns) for cap, ns in zip(captions, nouns)]
+                heads = [dict(phrase_heads(cap, ns)) for cap, ns in zip(captions, nouns)]
                 prompt_nouns = [list(ns) + list(h) for ns, h in zip(nouns, heads)]
             for cap, ns, head in zip(captions, prompt_nouns, heads):
                 ps, from_nouns = make_prompts(cap, k, rng, nouns=ns, return_nouns=True)
@@ -169,7 +169,10 @@ class BatchBuilder:
             keys["label"] = [list(dict.fromkeys(list(ns) + [cap])) for cap, ns in zip(captions, prompt_nouns)]
             batch["prompt_keys"] = keys_to_ids([key for row in pkeys for key in row]).view(len(captions), k)
             keys["prompt_head"] = pheads
-            batch["prompt_heads"] = keys_to_ids([key for row in pheads for key in row]).view(len(captions), k)
+            batch["prompt_heads"] = (  # without phrases every prompt names its own key: no second hashing
+                keys_to_ids([key for row in pheads for key in row]).view(len(captions), k)
+                if cfg.data.prompt_phrases else batch["prompt_keys"]
+            )
             width = max(len(labels) for labels in keys["label"])
             batch["label_keys"] = label_key_ids(keys["label"], -(-width // self.LABEL_WIDTH) * self.LABEL_WIDTH)
         if cfg.data.text_keys == "caption":
@@ -182,12 +185,6 @@ class BatchBuilder:
             batch["text_keys"] = keys_to_ids(keys["text"])
         batch["keys"] = keys
         return batch
-
-
-def _phrase_heads(caption: str, nouns: Sequence[str]) -> dict[str, str]:
-    """``{phrase: the noun it modifies}`` for the caption's noun phrases, in the caption's order."""
-    head = {p: n for n in nouns for p in noun_phrases(caption, [n])}
-    return {p: head[p] for p in noun_phrases(caption, nouns)}
 
 
 def token_row_keys(token_ids: torch.Tensor) -> torch.Tensor:

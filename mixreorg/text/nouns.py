@@ -26,7 +26,7 @@ import functools
 import re
 from collections.abc import Iterable
 
-__all__ = ["extract_nouns", "noun_phrases", "nltk_available", "STOP_WORDS", "ADJECTIVES"]
+__all__ = ["extract_nouns", "noun_phrases", "phrase_heads", "nltk_available", "STOP_WORDS", "ADJECTIVES"]
 
 _WORD_OR_PUNCT = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*|[^\sa-z0-9]")
 
@@ -229,6 +229,16 @@ def noun_phrases(caption: str, nouns: Iterable[str]) -> list[str]:
     >>> noun_phrases("there is a circle.", ["circle"])
     []
     """
+    return _unique(phrase for phrase, _ in phrase_heads(caption, nouns))
+
+
+def phrase_heads(caption: str, nouns: Iterable[str]) -> list[tuple[str, str]]:
+    """:func:`noun_phrases` with the noun each phrase modifies: ``(phrase, noun)`` pairs, unique, in
+    the caption's order, the noun spelled as given.
+
+    >>> phrase_heads("a red circle and a red circle", ["circle"])
+    [('red circle', 'circle')]
+    """
     if not isinstance(caption, str):
         raise ValueError(f"caption must be a str, got {type(caption).__name__}")
     if isinstance(nouns, str):
@@ -238,11 +248,11 @@ def noun_phrases(caption: str, nouns: Iterable[str]) -> list[str]:
         key = tuple(_words(noun)) if isinstance(noun, str) else ()
         if not key:
             raise ValueError(f"nouns must be non-empty strings, got {noun!r}")
-        wanted.setdefault(key, " ".join(key))
+        wanted.setdefault(key, noun)
     words = _words(caption)  # punctuation kept: a comma ends a run of modifiers
     phrases = []
     for i in range(len(words)):
-        for key, spelling in wanted.items():
+        for key, noun in wanted.items():
             n = len(key)
             if i + n > len(words) or tuple(words[i : i + n - 1]) != key[:-1]:
                 continue
@@ -252,5 +262,5 @@ def noun_phrases(caption: str, nouns: Iterable[str]) -> list[str]:
             while start > 0 and words[start - 1] in ADJECTIVES:
                 start -= 1
             if start < i:
-                phrases.append(" ".join(words[start:i] + [spelling]))
-    return _unique(phrases)
+                phrases.append((" ".join(words[start:i] + list(key)), noun))
+    return list(dict.fromkeys(phrases))
