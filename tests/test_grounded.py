@@ -1,4 +1,5 @@
-"""grounded_seg_loss: the caption-grounded segmentation term, against a loop reference; its gradients."""
+"""grounded_seg_loss and grounded_patch_loss: the caption-grounded terms, against a loop reference;
+their gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixreorg.losses import ContrastiveObjective
-from mixreorg.losses.grounded import grounded_seg_loss
+from mixreorg.losses.grounded import grounded_patch_loss, grounded_seg_loss
 
 
 def _unit(*shape, gen):
@@ -74,6 +75,38 @@ def test_matches_the_loop_reference(b, h, f, s, k, seed, scale):
         torch.testing.assert_close(got.double(), _reference(*inputs, scale, ids=ids), rtol=1e-5, atol=1e-6)
 
 
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 3), k=st.integers(1, 5), seed=st.integers(0, 10_000),
+       scope=st.sampled_from(["batch", "noun"]))
+def test_patch_term_is_the_segment_term_with_every_patch_its_own_segment(b, h, k, seed, scope):
+    patch, _, _, prompts, mask = _inputs(b, h, 1, 1, k, 8, seed)
+    ids = torch.randint(0, 3, (b, k), generator=torch.Generator().manual_seed(seed))
+    own = torch.eye(h * h, dtype=torch.float64).expand(b, -1, -1)  # segment l = patch l
+    want = grounded_seg_loss(patch, patch, own, prompts, mask, 7.0, scope=scope, prompt_ids=ids)
+    got = grounded_patch_loss(patch, prompts, mask, 7.0, scope=scope, prompt_ids=ids)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_patch_term_teaches_the_patches_and_prompts_and_refuses_the_image_scope():
+    patch, _, _, prompts, mask = _inputs(3, 2, 1, 1, 5, 16, seed=4, min_nouns=2)
+    ids = torch.tensor([[0, 1, 2, 3, 4], [0, 2, 5, 6, 7], [1, 2, 8, 9, 3]])
+    patch.requires_grad_(True)
+    prompts.requires_grad_(True)
+    grounded_patch_loss(patch, prompts, mask, 10.0, scope="noun", prompt_ids=ids).backward()
+    assert patch.grad.abs().sum() > 0 and prompts.grad.abs().sum() > 0
+    assert not prompts.grad[~mask].any()
+    with pytest.raises(ValueError, match="own teacher"):
+        grounded_patch_loss(patch, prompts, mask, 10.0, scope="image")
+    with pytest.raises(ValueError, match="needs prompt_ids"):
+        grounded_patch_loss(patch, prompts, mask, 10.0, scope="noun")
+    with pytest.raises(ValueError, match="prompt_mask"):
+        grounded_patch_loss(patch, prompts, mask[:, :2], 10.0, scope="noun", prompt_ids=ids)
+    with pytest.raises(ValueError, match="own teacher"):
+        ContrastiveObjective(grounded_patch_weight=1.0)  # the default scope is "image"
+    with pytest.raises(ValueError, match="grounded_patch_weight must be"):
+        ContrastiveObjective(grounded_patch_weight=-1.0, grounded_seg_scope="noun")
+
+
 def test_gradients_reach_segments_map_and_prompts_not_the_teacher():
     patch, seg, assign, prompts, mask = _inputs(3, 2, 2, 4, 5, 16, seed=1, min_nouns=2)
     for t in (patch, seg, assign, prompts):
@@ -129,7 +162,7 @@ def test_bad_input_names_the_problem():
         grounded_seg_loss(patch[:1], seg, assign, prompts, mask, 1.0)
     objective = ContrastiveObjective(grounded_seg_weight=1.0)
     img, txt = F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(2, 8), dim=-1)
-    with pytest.raises(ValueError, match="grounded_seg_weight > 0 needs"):
+    with pytest.raises(ValueError, match="missing: prompt_mask, seg_embed, assign"):
         objective(img, txt, logit_scale=torch.tensor(2.0), prompt_embed=prompts.float(), patch_embed=patch.float())
     with pytest.raises(ValueError, match="grounded_seg_weight must be"):
         ContrastiveObjective(grounded_seg_weight=-1.0)
@@ -145,7 +178,7 @@ def test_the_grounded_term_trains_the_grouping_of_both_models(name):
     from mixreorg.recipes.models import build_model
 
     cfg = get_preset("tiny_grounded" if name == "groupvit" else "tiny_grounded_mixreorg")
-    apply_overrides(cfg, ["train.cpu_bf16=off", "train.batch_size=8"])
+    apply_overrides(cfg, ["train.cpu_bf16=off", "train.batch_size=8", "objective.grounded_patch_weight=1"])
     if name == "mixreorg":
         cfg.model.mixreorg = dict(group_size=4)
     torch.manual_seed(0)
@@ -155,7 +188,7 @@ def test_the_grounded_term_trains_the_grouping_of_both_models(name):
     assert batch["prompt_mask"].any(1).all() and not torch.equal(batch["prompt_heads"], batch["prompt_keys"])
     out = model.training_losses(batch)
     key = "grounded" if name == "groupvit" else "original/grounded"
-    assert torch.isfinite(out["loss"]) and out[key] > 0
+    assert torch.isfinite(out["loss"]) and out[key] > 0 and out[key + "_patch"] > 0
     out[key].backward()
     named = dict(model.named_parameters())
     assign = [p for n, p in named.items() if n.endswith("assign.q.weight")]

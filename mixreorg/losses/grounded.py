@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grounded_seg_loss", "GROUNDED_SCOPES"]
+__all__ = ["grounded_seg_loss", "grounded_patch_loss", "GROUNDED_SCOPES"]
 
 GROUNDED_SCOPES = ("image", "batch", "noun")  # what a position's segment is told apart from
 
@@ -88,27 +88,85 @@ def grounded_seg_loss(
     batch and noun scopes contrast the rank's own prompts only (nothing is gathered).
     """
     _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
-    if scope not in GROUNDED_SCOPES:
-        raise ValueError(f"scope must be one of {GROUNDED_SCOPES}, got {scope!r}")
-    if scope != "image" and (prompt_ids is None or prompt_ids.shape != prompt_mask.shape):
-        raise ValueError(f"scope={scope!r} needs prompt_ids shaped like prompt_mask {tuple(prompt_mask.shape)}")
+    _check_scope(scope, prompt_ids, prompt_mask)
     b, n = assign.shape[0], assign.shape[2]
     h, big = _square(patch_embed.shape[1], "patch_embed"), _square(n, "assign")
     if big % h:
         raise ValueError(f"the grouped grid ({big}x{big}) is not a multiple of the patch grid ({h}x{h})")
-    mask = prompt_mask.to(patch_embed.device)[:, None, :]  # [B, 1, K]
-    with torch.no_grad():
-        teach = torch.einsum("bld,bkd->blk", patch_embed.float(), prompt_embed.float()) * scale
-        target = teach.masked_fill(~mask, _MASKED).softmax(-1) * mask  # [B, L, K]
-        if big != h:  # each patch's label to the grouped positions it covers
-            grid = target.transpose(1, 2).reshape(b, -1, h, h)
-            target = F.interpolate(grid, size=(big, big), mode="nearest").flatten(2).transpose(1, 2)  # [B, N, K]
+    target = _teacher(patch_embed, prompt_embed, prompt_mask, scale)  # [B, L, K]
+    if big != h:  # each patch's label to the grouped positions it covers
+        grid = target.transpose(1, 2).reshape(b, -1, h, h)
+        target = F.interpolate(grid, size=(big, big), mode="nearest").flatten(2).transpose(1, 2)  # [B, N, K]
     pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]: each position's segment
+    return _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids)
+
+
+def grounded_patch_loss(
+    patch_embed: torch.Tensor,
+    prompt_embed: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    scale: torch.Tensor | float,
+    *,
+    scope: str = "noun",
+    prompt_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The grounded label on the patch tokens themselves: deep supervision of what the grouping assigns.
+
+    Each patch is its own student: its softmax over every noun prompt of the batch must follow its
+    own (gradient-free) label over its image's prompts, spread by ``prompt_ids`` as in
+    :func:`grounded_seg_loss`. With ``scope="noun"`` this asks a patch that its image's caption lets
+    call "red circle" (by colour) to score every circle prompt of the batch above every other noun:
+    the shape, at the patch, which the supervised bound's auxiliary loss teaches with masks
+    (its strongest lever, docs/investigation/LOG.md session 8). ``scope="image"`` is refused: there
+    the student is its own teacher and the gradient is zero.
+
+    Args: as :func:`grounded_seg_loss` (``patch_embed [B, L, D]`` now carries the gradient).
+    """
+    if patch_embed.ndim != 3 or prompt_embed.ndim != 3:
+        raise ValueError(
+            f"grounded_patch_loss needs patch_embed [B, L, D] and prompt_embed [B, K, D], got "
+            f"{tuple(patch_embed.shape)}, {tuple(prompt_embed.shape)}"
+        )
+    b, k = prompt_embed.shape[:2]
+    if patch_embed.shape[0] != b or patch_embed.shape[2] != prompt_embed.shape[2]:
+        raise ValueError(f"batch and embedding sizes differ: patch_embed {tuple(patch_embed.shape)}, "
+                         f"prompt_embed {tuple(prompt_embed.shape)}")
+    if prompt_mask.shape != (b, k) or prompt_mask.dtype != torch.bool:
+        raise ValueError(
+            f"prompt_mask must be a bool [B={b}, K={k}], got {prompt_mask.dtype} {tuple(prompt_mask.shape)}"
+        )
     if scope == "image":
+        raise ValueError("grounded_patch_loss: scope='image' makes every patch its own teacher (zero gradient); "
+                         "use 'batch' or 'noun'")
+    _check_scope(scope, prompt_ids, prompt_mask)
+    target = _teacher(patch_embed, prompt_embed, prompt_mask, scale)  # [B, L, K]
+    return _student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids)
+
+
+def _check_scope(scope: str, prompt_ids: torch.Tensor | None, prompt_mask: torch.Tensor) -> None:
+    if scope not in GROUNDED_SCOPES:
+        raise ValueError(f"scope must be one of {GROUNDED_SCOPES}, got {scope!r}")
+    if scope != "image" and (prompt_ids is None or prompt_ids.shape != prompt_mask.shape):
+        raise ValueError(f"scope={scope!r} needs prompt_ids shaped like prompt_mask {tuple(prompt_mask.shape)}")
+
+
+@torch.no_grad()
+def _teacher(patch_embed, prompt_embed, prompt_mask, scale) -> torch.Tensor:
+    """``[B, L, K]`` each patch's softmax over its image's noun prompts (zero on the others)."""
+    mask = prompt_mask.to(patch_embed.device)[:, None, :]  # [B, 1, K]
+    teach = torch.einsum("bld,bkd->blk", patch_embed.float(), prompt_embed.float()) * scale
+    return teach.masked_fill(~mask, _MASKED).softmax(-1) * mask
+
+
+def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids) -> torch.Tensor:
+    """Soft cross-entropy from ``target [B, N, K]`` to the students ``pos [B, N, D]``, mean over the
+    images with at least two noun prompts."""
+    b, k = prompt_mask.shape
+    if scope == "image":
+        mask = prompt_mask.to(pos.device)[:, None, :]  # [B, 1, K]
         logits = torch.einsum("bnd,bkd->bnk", pos.float(), prompt_embed.float()) * scale
         logp = logits.masked_fill(~mask, _MASKED).log_softmax(-1)
     else:
-        k = prompt_embed.shape[1]
         flat_mask = prompt_mask.reshape(1, 1, b * k).to(pos.device)
         logits = torch.einsum("bnd,md->bnm", pos.float(), prompt_embed.reshape(b * k, -1).float()) * scale
         logp = logits.masked_fill(~flat_mask, _MASKED).log_softmax(-1)  # [B, N, B*K]

@@ -38,6 +38,9 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
 * ``grounded_seg_weight`` (default 0, off) [R]: :func:`mixreorg.losses.grounded.grounded_seg_loss`:
   every grouped position, through its segment, must name what the patch tokens find there among
   the image's own noun prompts (needs ``patch_embed``, ``seg_embed``, ``assign`` and ``prompt_mask``).
+* ``grounded_patch_weight`` (default 0, off) [R]: :func:`mixreorg.losses.grounded.grounded_patch_loss`:
+  the same label on the patch tokens themselves, told apart from every noun prompt of the batch
+  (``grounded_seg_scope`` ``batch`` or ``noun``): deep supervision from the captions.
 * ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
   of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
   image ``i``'s label keys (default: the keys of its own prompts).
@@ -67,7 +70,7 @@ from .contrastive import (
     logit_scale_value,
     prompt_loss,
 )
-from .grounded import GROUNDED_SCOPES, grounded_seg_loss
+from .grounded import GROUNDED_SCOPES, grounded_patch_loss, grounded_seg_loss
 
 __all__ = ["ContrastiveObjective", "MULTI_LABEL_POOLS", "label_key_ids"]
 
@@ -181,6 +184,7 @@ class ContrastiveObjective(nn.Module):
         patch_mean_weight: float = 0.0,
         grounded_seg_weight: float = 0.0,
         grounded_seg_scope: str = "image",
+        grounded_patch_weight: float = 0.0,
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -198,6 +202,11 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"patch_label_weight must be >= 0, got {patch_label_weight!r}")
         if not grounded_seg_weight >= 0:
             raise ValueError(f"grounded_seg_weight must be >= 0, got {grounded_seg_weight!r}")
+        if not grounded_patch_weight >= 0:
+            raise ValueError(f"grounded_patch_weight must be >= 0, got {grounded_patch_weight!r}")
+        if grounded_patch_weight > 0 and grounded_seg_scope == "image":
+            raise ValueError("grounded_patch_weight > 0 needs grounded_seg_scope 'batch' or 'noun' (in the image "
+                             "scope a patch is its own teacher: zero gradient)")
         if not patch_mean_weight >= 0:
             raise ValueError(f"patch_mean_weight must be >= 0, got {patch_mean_weight!r}")
         if multi_label_weight < 0:
@@ -213,6 +222,7 @@ class ContrastiveObjective(nn.Module):
         if grounded_seg_scope not in GROUNDED_SCOPES:
             raise ValueError(f"grounded_seg_scope must be one of {GROUNDED_SCOPES}, got {grounded_seg_scope!r}")
         self.grounded_seg_scope = grounded_seg_scope
+        self.grounded_patch_weight = float(grounded_patch_weight)
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -234,7 +244,8 @@ class ContrastiveObjective(nn.Module):
     @property
     def reads_patches(self) -> bool:
         """Whether ``forward`` needs ``patch_embed`` (a per-patch or mean-patch term is on)."""
-        return self.patch_label_weight > 0 or self.patch_mean_weight > 0 or self.grounded_seg_weight > 0
+        return (self.patch_label_weight > 0 or self.patch_mean_weight > 0 or self.grounded_seg_weight > 0
+                or self.grounded_patch_weight > 0)
 
     @property
     def reads_segments(self) -> bool:
@@ -325,29 +336,43 @@ class ContrastiveObjective(nn.Module):
                     mean_embed, prompt_embed, None, ml_log_scale, prompt_keys, label_keys)
             out["patch_mean"] = term
             loss = loss + self.patch_mean_weight * term
-        if self.grounded_seg_weight > 0:
-            if any(t is None for t in (patch_embed, seg_embed, assign, prompt_embed, prompt_mask)):
-                raise ValueError(
-                    "grounded_seg_weight > 0 needs patch_embed, seg_embed, assign, prompt_embed and prompt_mask"
-                )
-            ids = None
-            if self.grounded_seg_scope != "image":
-                which = prompt_keys if self.grounded_seg_scope == "batch" else prompt_heads
-                name = "prompt_keys" if self.grounded_seg_scope == "batch" else "prompt_heads"
-                if which is None:
-                    raise ValueError(f"grounded_seg_scope={self.grounded_seg_scope!r} needs {name}")
-                ids = _ids(which, name, tuple(prompt_mask.shape))
-            grounded = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask,
-                                         logit_scale_value(ml_log_scale, self.max_logit_scale, image_embed),
-                                         scope=self.grounded_seg_scope, prompt_ids=ids)
-            out["grounded"] = grounded
-            loss = loss + self.grounded_seg_weight * grounded
+        if self.grounded_seg_weight > 0 or self.grounded_patch_weight > 0:
+            loss = loss + self._grounded(out, patch_embed, seg_embed, assign, prompt_embed, prompt_mask,
+                                         prompt_keys, prompt_heads,
+                                         logit_scale_value(ml_log_scale, self.max_logit_scale, image_embed))
         if self.prompt_uniformity_weight > 0:
             uni = self._prompt_uniformity(prompt_embed, prompt_keys)
             out["uniformity"] = uni
             loss = loss + self.prompt_uniformity_weight * uni
         out["loss"] = loss
         return out
+
+    def _grounded(self, out, patch_embed, seg_embed, assign, prompt_embed, prompt_mask, prompt_keys, prompt_heads,
+                  scale) -> torch.Tensor:
+        """The grounded terms (segments and/or patches), each logged in ``out``; their weighted sum."""
+        need = {"patch_embed": patch_embed, "prompt_embed": prompt_embed, "prompt_mask": prompt_mask}
+        if self.grounded_seg_weight > 0:
+            need.update(seg_embed=seg_embed, assign=assign)
+        missing = [name for name, t in need.items() if t is None]
+        if missing:
+            raise ValueError(f"the grounded terms need {', '.join(need)}; missing: {', '.join(missing)}")
+        ids = None
+        if self.grounded_seg_scope != "image":
+            which = prompt_keys if self.grounded_seg_scope == "batch" else prompt_heads
+            name = "prompt_keys" if self.grounded_seg_scope == "batch" else "prompt_heads"
+            if which is None:
+                raise ValueError(f"grounded_seg_scope={self.grounded_seg_scope!r} needs {name}")
+            ids = _ids(which, name, tuple(prompt_mask.shape))
+        total = patch_embed.new_zeros(())
+        if self.grounded_seg_weight > 0:
+            out["grounded"] = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask, scale,
+                                                scope=self.grounded_seg_scope, prompt_ids=ids)
+            total = total + self.grounded_seg_weight * out["grounded"]
+        if self.grounded_patch_weight > 0:
+            out["grounded_patch"] = grounded_patch_loss(patch_embed, prompt_embed, prompt_mask, scale,
+                                                        scope=self.grounded_seg_scope, prompt_ids=ids)
+            total = total + self.grounded_patch_weight * out["grounded_patch"]
+        return total
 
     def _prompt_uniformity(self, prompt_embed: torch.Tensor | None, prompt_keys) -> torch.Tensor:
         """``log mean exp(-2 ||p_a - p_b||^2)`` over this rank's prompt pairs with different keys."""

@@ -27,6 +27,7 @@ def build_objective(cfg: PretrainConfig) -> ContrastiveObjective:
         prompt_uniformity_weight=o.prompt_uniformity_weight,
         grounded_seg_weight=o.grounded_seg_weight,
         grounded_seg_scope=o.grounded_seg_scope,
+        grounded_patch_weight=o.grounded_patch_weight,
         patch_mean_weight=o.patch_mean_weight,
         bias_init=o.bias_init,
         ml_bias_init=o.ml_bias_init,

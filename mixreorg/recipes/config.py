@@ -149,6 +149,7 @@ class ObjectiveConfig:
     patch_mean_weight: float = 0.0  # [R] caption + prompt losses on the mean patch embedding (no grouping)
     grounded_seg_weight: float = 0.0  # [R] the grouping reproduces the patches' labels among the caption's nouns
     grounded_seg_scope: str = "image"  # [R] "image" | "batch" | "noun": what each segment is told apart from
+    grounded_patch_weight: float = 0.0  # [R] the same labels on the patch tokens (scope batch or noun)
     patch_label_tokens: str = "stage1"  # which patches: "stage1" (after its blocks) | "embed" (before any)
     bias_init: float = -10.0
     ml_bias_init: float | None = None
@@ -315,6 +316,13 @@ class PretrainConfig:
             )
         if not self.objective.grounded_seg_weight >= 0:
             problems.append(f"objective.grounded_seg_weight must be >= 0, got {self.objective.grounded_seg_weight!r}")
+        if not self.objective.grounded_patch_weight >= 0:
+            problems.append(
+                f"objective.grounded_patch_weight must be >= 0, got {self.objective.grounded_patch_weight!r}"
+            )
+        elif self.objective.grounded_patch_weight > 0 and self.objective.grounded_seg_scope == "image":
+            problems.append("objective.grounded_patch_weight > 0 needs objective.grounded_seg_scope batch|noun "
+                            "(in the image scope a patch is its own teacher: zero gradient)")
         if not self.objective.patch_mean_weight >= 0:
             problems.append(f"objective.patch_mean_weight must be >= 0, got {self.objective.patch_mean_weight!r}")
         if self.objective.patch_label_tokens not in PATCH_LABEL_TOKENS:

@@ -71,7 +71,7 @@ class MixReorgPretrainer(nn.Module):
         obj = self.objective
         uses_prompts = any(getattr(obj, w, d) for w, d in (
             ("multi_label_weight", 1.0), ("patch_label_weight", 0.0), ("prompt_uniformity_weight", 0.0),
-            ("grounded_seg_weight", 0.0)))
+            ("grounded_seg_weight", 0.0), ("grounded_patch_weight", 0.0)))
         prompts = batch.get("prompts") if uses_prompts else None
         out = self.model(images, text, prompt_ids=prompts, plan=batch.get("plan"),
                          patch_embed=self.loss.patch_seg_weight > 0,
