@@ -54,7 +54,7 @@ def test_every_dict_field_is_checked() -> None:
     )
     msg = _message(cfg)
     text_valid = sorted(n for n in inspect.signature(TextEncoder.__init__).parameters if n != "self")
-    weights = ["seg_weight", "restored_weight", "patch_seg_weight"]
+    weights = ["seg_weight", "restored_weight", "patch_seg_weight", "mixed_grounded_weight"]
     mix_valid = sorted([f.name for f in dataclasses.fields(MixReorgConfig)] + weights)
     assert f"unknown key(s) in model.text: ['widht']; valid: {text_valid}" in msg
     assert f"unknown key(s) in model.mixreorg: ['group_sise']; valid: {mix_valid}" in msg

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixreorg.losses import ContrastiveObjective
-from mixreorg.losses.grounded import grounded_patch_loss, grounded_seg_loss
+from mixreorg.losses.grounded import grounded_mixed_loss, grounded_patch_loss, grounded_seg_loss
 
 
 def _unit(*shape, gen):
@@ -107,6 +107,61 @@ def test_patch_term_teaches_the_patches_and_prompts_and_refuses_the_image_scope(
         ContrastiveObjective(grounded_patch_weight=-1.0, grounded_seg_scope="noun")
 
 
+def _mixed_reference(patch, seg, assign, src, prompts, mask, scale, ids):
+    """Every mixed position alone: its source's teacher label at the same patch, shared by id."""
+    b, hh, _ = patch.shape
+    h, n = round(hh**0.5), assign.shape[2]
+    f = round(n**0.5) // h
+    every = [(a, j) for a in range(b) for j in range(prompts.shape[1]) if mask[a, j]]
+    total, count = 0.0, 0
+    for m in range(b):
+        for pos in range(n):
+            r, c = divmod(pos, h * f)
+            p = (r // f) * h + c // f
+            i = int(src[m, p])
+            nouns = [j for j in range(prompts.shape[1]) if mask[i, j]]
+            if len(nouns) < 2:
+                continue
+            target = torch.softmax(torch.stack([scale * patch[i, p] @ prompts[i, j] for j in nouns]), 0)
+            s = int(assign[m, :, pos].argmax())
+            logp = torch.log_softmax(torch.stack([scale * seg[m, s] @ prompts[a, j] for a, j in every]), 0)
+            for t, j in zip(target, nouns):
+                same = [q for q, (a, jj) in enumerate(every) if ids[a, jj] == ids[i, j]]
+                total = total - (t * logp[same]).sum() / len(same)
+            count += 1
+    return torch.as_tensor(total / max(count, 1), dtype=torch.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 3), f=st.sampled_from([1, 2]), s=st.integers(1, 4),
+       k=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_mixed_term_matches_the_loop_reference_and_is_the_segment_term_unmixed(b, h, f, s, k, seed):
+    patch, seg, assign, prompts, mask = _inputs(b, h, f, s, k, 8, seed)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 3, (b, k), generator=gen)
+    src = torch.randint(0, b, (b, h * h), generator=gen)
+    got = grounded_mixed_loss(patch, seg, assign, src, prompts, mask, 9.0, scope="noun", prompt_ids=ids)
+    want = _mixed_reference(patch, seg, assign, src, prompts, mask, 9.0, ids)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    unmixed = torch.arange(b)[:, None].expand(b, h * h)
+    torch.testing.assert_close(
+        grounded_mixed_loss(patch, seg, assign, unmixed, prompts, mask, 9.0, scope="batch", prompt_ids=ids),
+        grounded_seg_loss(patch, seg, assign, prompts, mask, 9.0, scope="batch", prompt_ids=ids),
+        rtol=1e-6, atol=1e-6)  # both compute in float32, in another order
+
+
+def test_mixed_term_bad_input_names_the_problem():
+    patch, seg, assign, prompts, mask = _inputs(2, 2, 2, 3, 3, 8, seed=5)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    src = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="no prompts of its own"):
+        grounded_mixed_loss(patch, seg, assign, src, prompts, mask, 1.0, scope="image")
+    with pytest.raises(ValueError, match="src must be int64"):
+        grounded_mixed_loss(patch, seg, assign, src[:, :3], prompts, mask, 1.0, prompt_ids=ids)
+    with pytest.raises(ValueError, match="src must be int64"):
+        grounded_mixed_loss(patch, seg, assign, src.float(), prompts, mask, 1.0, prompt_ids=ids)
+
+
 def test_gradients_reach_segments_map_and_prompts_not_the_teacher():
     patch, seg, assign, prompts, mask = _inputs(3, 2, 2, 4, 5, 16, seed=1, min_nouns=2)
     for t in (patch, seg, assign, prompts):
@@ -180,7 +235,7 @@ def test_the_grounded_term_trains_the_grouping_of_both_models(name):
     cfg = get_preset("tiny_grounded" if name == "groupvit" else "tiny_grounded_mixreorg")
     apply_overrides(cfg, ["train.cpu_bf16=off", "train.batch_size=8", "objective.grounded_patch_weight=1"])
     if name == "mixreorg":
-        cfg.model.mixreorg = dict(group_size=4)
+        cfg.model.mixreorg = dict(group_size=4, mixed_grounded_weight=1.0)
     torch.manual_seed(0)
     model = build_model(cfg.validate())
     raw = next(iter(SynthShapesStream(8, seed=0, image_size=64)))
@@ -189,6 +244,12 @@ def test_the_grounded_term_trains_the_grouping_of_both_models(name):
     out = model.training_losses(batch)
     key = "grounded" if name == "groupvit" else "original/grounded"
     assert torch.isfinite(out["loss"]) and out[key] > 0 and out[key + "_patch"] > 0
+    if name == "mixreorg":  # the mixed images named by their sources' nouns, into the grouping too
+        assert out["mixed/grounded"] > 0
+        out["mixed/grounded"].backward(retain_graph=True)
+        assign = [p for n, p in model.named_parameters() if n.endswith("assign.q.weight")]
+        assert assign and all(p.grad is not None and p.grad.abs().sum() > 0 for p in assign)
+        model.zero_grad(set_to_none=True)
     out[key].backward()
     named = dict(model.named_parameters())
     assign = [p for n, p in named.items() if n.endswith("assign.q.weight")]

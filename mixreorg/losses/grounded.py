@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grounded_seg_loss", "grounded_patch_loss", "GROUNDED_SCOPES"]
+__all__ = ["grounded_seg_loss", "grounded_patch_loss", "grounded_mixed_loss", "GROUNDED_SCOPES"]
 
 GROUNDED_SCOPES = ("image", "batch", "noun")  # what a position's segment is told apart from
 
@@ -178,3 +178,71 @@ def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_i
     per_image = -(target * logp).sum(-1).mean(-1)  # [B]
     counts = prompt_mask.sum(-1).to(per_image.device) >= 2
     return (per_image * counts).sum() / counts.sum().clamp_min(1)
+
+
+def grounded_mixed_loss(
+    patch_embed: torch.Tensor,
+    seg_embed: torch.Tensor,
+    assign: torch.Tensor,
+    src: torch.Tensor,
+    prompt_embed: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    scale: torch.Tensor | float,
+    *,
+    scope: str = "noun",
+    prompt_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The grounded term on MixReorg's MIXED images: each mixed position is named by the teacher's label
+    of the original patch it came from.
+
+    MixReorg's L_seg names every mixed patch by its source image's CAPTION, which asks the grouping to
+    keep each source together; the grounded term on the original images asks the same grouping to
+    split a source by noun (docs/investigation/LOG.md, session 11). Here the mixed image's known
+    per-patch labels are its sources' NOUNS instead: a patch from image ``j`` that ``j``'s caption
+    lets call "red circle" must, through its segment in the mixed image, score every circle prompt
+    of the batch above every other noun. [R], not in the paper.
+
+    Args:
+        patch_embed: ``[B, L, D]`` the ORIGINAL images' normalised patch embeddings (the teacher, no
+            gradient), on the ``h x h`` grid the mixing acts on.
+        seg_embed, assign: the mixed branch's ``[B, S, D]`` segments and ``[B, S, N]`` composed hard
+            map (``N = H x H``, ``H`` a multiple of ``h``).
+        src: ``[B, L]`` the batch row each mixed patch was read from (``MixPlan.src``); patches keep
+            their position.
+        prompt_embed, prompt_mask, scale, scope, prompt_ids: as :func:`grounded_seg_loss`;
+            ``scope`` ``"batch"`` or ``"noun"`` (a mixed image has no caption of its own).
+
+    The mean is over the mixed positions whose source names at least two nouns (0 with a zero
+    gradient when none does).
+    """
+    _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
+    if scope == "image":
+        raise ValueError("grounded_mixed_loss: a mixed image has no prompts of its own; use scope 'batch' or 'noun'")
+    _check_scope(scope, prompt_ids, prompt_mask)
+    b, length = patch_embed.shape[:2]
+    k, n = prompt_mask.shape[1], assign.shape[2]
+    if src.shape != (b, length) or src.dtype != torch.long:
+        raise ValueError(f"src must be int64 [B={b}, L={length}], got {src.dtype} {tuple(src.shape)}")
+    h, big = _square(length, "patch_embed"), _square(n, "assign")
+    if big % h:
+        raise ValueError(f"the grouped grid ({big}x{big}) is not a multiple of the patch grid ({h}x{h})")
+    src = src.to(patch_embed.device)
+    with torch.no_grad():
+        teach = _teacher(patch_embed, prompt_embed, prompt_mask, scale)  # [B, L, K] of the originals
+        moved = teach[src, torch.arange(length, device=src.device)]  # [B, L, K]: each mixed patch's label
+        flat = moved.new_zeros(b, length, b, k)
+        flat.scatter_(2, src[:, :, None, None].expand(b, length, 1, k), moved[:, :, None, :])
+        valid = (prompt_mask.to(src.device).sum(-1) >= 2)[src].float()  # [B, L] source names >= 2 nouns
+        ids = prompt_ids.to(src.device).reshape(b * k)
+        mask = prompt_mask.to(src.device).reshape(b * k)
+        same = (ids[:, None] == ids[None, :]) & mask[None, :]  # [B*K, B*K]
+        target = flat.reshape(b, length, b * k) @ (same.float() / same.sum(-1, keepdim=True).clamp_min(1))
+        if big != h:  # each patch's label and weight to the grouped positions it covers
+            both = torch.cat([target, valid[..., None]], -1).transpose(1, 2).reshape(b, -1, h, h)
+            both = F.interpolate(both, size=(big, big), mode="nearest").flatten(2).transpose(1, 2)
+            target, valid = both[..., :-1], both[..., -1]  # [B, N, B*K], [B, N]
+    pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]
+    logits = torch.einsum("bnd,md->bnm", pos.float(), prompt_embed.reshape(b * k, -1).float()) * scale
+    logp = logits.masked_fill(~mask.to(pos.device)[None, None, :], _MASKED).log_softmax(-1)  # [B, N, B*K]
+    per_pos = -(target * logp).sum(-1)  # [B, N]
+    return (per_pos * valid).sum() / valid.sum().clamp_min(1)

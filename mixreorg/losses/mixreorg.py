@@ -14,6 +14,7 @@ from torch import nn
 
 from ..ops.plan import MixPlan
 from .contrastive import MAX_LOGIT_SCALE, logit_scale_value
+from .grounded import grounded_mixed_loss
 from .objective import ContrastiveObjective
 
 __all__ = ["MixedSegmentationLoss", "MixReorgLoss", "canonical_caption_index"]
@@ -97,21 +98,33 @@ class MixReorgLoss(nn.Module):
             output, through the final norm and the image head: ``out["mixed_patch_embed"]``, which
             ``MixReorg.forward(..., patch_embed=True)`` returns) classified against its group's
             captions, before any grouping (deep supervision; 0: off, the paper).
+        mixed_grounded_weight: weight of :func:`mixreorg.losses.grounded.grounded_mixed_loss` [R]: every
+            mixed position named by the caption-grounded label of the original patch it came from
+            (the mixed image's per-patch NOUNS, where L_seg uses its per-patch captions). Needs a
+            contrastive objective with a per-patch term (the original branch's ``patch_embed``) and
+            ``grounded_seg_scope`` ``batch`` or ``noun``; 0: off.
     """
 
     def __init__(self, contrastive: nn.Module | Callable | None = None, seg_weight: float = 1.0,
                  original_weight: float = 1.0, restored_weight: float = 1.0,
-                 merge_duplicate_captions: bool = True, patch_seg_weight: float = 0.0) -> None:
+                 merge_duplicate_captions: bool = True, patch_seg_weight: float = 0.0,
+                 mixed_grounded_weight: float = 0.0) -> None:
         super().__init__()
         if not patch_seg_weight >= 0:
             raise ValueError(f"patch_seg_weight must be >= 0, got {patch_seg_weight!r}")
+        if not mixed_grounded_weight >= 0:
+            raise ValueError(f"mixed_grounded_weight must be >= 0, got {mixed_grounded_weight!r}")
         self.contrastive = contrastive if contrastive is not None else ContrastiveObjective()
         self.seg = MixedSegmentationLoss()
         self.seg_weight, self.original_weight, self.restored_weight = seg_weight, original_weight, restored_weight
         self.patch_seg_weight = float(patch_seg_weight)
+        self.mixed_grounded_weight = float(mixed_grounded_weight)
+        if self.mixed_grounded_weight > 0 and getattr(self.contrastive, "grounded_seg_scope", "image") == "image":
+            raise ValueError("mixed_grounded_weight > 0 needs a contrastive objective with grounded_seg_scope "
+                             "'batch' or 'noun' (a mixed image has no prompts of its own)")
         self._reads_segments = bool(getattr(self.contrastive, "reads_segments", False))
         self._grounded = getattr(self.contrastive, "grounded_seg_weight", 0.0) > 0
-        self.reads_patches = bool(getattr(self.contrastive, "reads_patches", False))
+        self.reads_patches = bool(getattr(self.contrastive, "reads_patches", False)) or self.mixed_grounded_weight > 0
         self.merge_duplicate_captions = merge_duplicate_captions
 
     def forward(self, out: dict, caption_keys: torch.Tensor | None = None, **contrastive_kwargs) -> dict:
@@ -153,5 +166,24 @@ class MixReorgLoss(nn.Module):
             total = total + self.patch_seg_weight * ps["loss"]
             logs["patch_seg/loss"] = ps["loss"]
             logs["patch_seg/acc"] = ps["acc"]
+        if self.mixed_grounded_weight:
+            total = total + self.mixed_grounded_weight * self._mixed_grounded(out, logs, contrastive_kwargs)
         logs["loss"] = total
         return logs
+
+    def _mixed_grounded(self, out: dict, logs: dict, kw: dict) -> torch.Tensor:
+        patches = out["original"].get("patch_embed")
+        mask = kw.get("prompt_mask")
+        if patches is None or out.get("prompt_embed") is None or mask is None:
+            raise ValueError("mixed_grounded_weight > 0 needs out['original']['patch_embed'], out['prompt_embed'] "
+                             "and the batch's prompt_mask")
+        ids = self.contrastive.grounded_prompt_ids(kw.get("prompt_keys"), kw.get("prompt_heads"), mask)
+        ml_scale = out.get("multi_label_logit_scale")
+        ml_scale = out["logit_scale"] if ml_scale is None else ml_scale
+        ml = logit_scale_value(ml_scale, getattr(self.contrastive, "max_logit_scale", MAX_LOGIT_SCALE),
+                               out["text_embed"])
+        term = grounded_mixed_loss(patches, out["mixed"]["seg_embed"], out["mixed"]["assign"], out["plan"].src,
+                                   out["prompt_embed"], mask, ml, scope=self.contrastive.grounded_seg_scope,
+                                   prompt_ids=ids)
+        logs["mixed/grounded"] = term
+        return term

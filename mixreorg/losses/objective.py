@@ -347,6 +347,17 @@ class ContrastiveObjective(nn.Module):
         out["loss"] = loss
         return out
 
+    def grounded_prompt_ids(self, prompt_keys, prompt_heads, prompt_mask: torch.Tensor) -> torch.Tensor | None:
+        """``[B, K]`` ids by which the grounded terms share a teacher's mass (``grounded_seg_scope``:
+        ``batch`` the prompt keys, ``noun`` the head nouns; ``image``: None)."""
+        if self.grounded_seg_scope == "image":
+            return None
+        which = prompt_keys if self.grounded_seg_scope == "batch" else prompt_heads
+        name = "prompt_keys" if self.grounded_seg_scope == "batch" else "prompt_heads"
+        if which is None:
+            raise ValueError(f"grounded_seg_scope={self.grounded_seg_scope!r} needs {name}")
+        return _ids(which, name, tuple(prompt_mask.shape))
+
     def _grounded(self, out, patch_embed, seg_embed, assign, prompt_embed, prompt_mask, prompt_keys, prompt_heads,
                   scale) -> torch.Tensor:
         """The grounded terms (segments and/or patches), each logged in ``out``; their weighted sum."""
@@ -356,13 +367,7 @@ class ContrastiveObjective(nn.Module):
         missing = [name for name, t in need.items() if t is None]
         if missing:
             raise ValueError(f"the grounded terms need {', '.join(need)}; missing: {', '.join(missing)}")
-        ids = None
-        if self.grounded_seg_scope != "image":
-            which = prompt_keys if self.grounded_seg_scope == "batch" else prompt_heads
-            name = "prompt_keys" if self.grounded_seg_scope == "batch" else "prompt_heads"
-            if which is None:
-                raise ValueError(f"grounded_seg_scope={self.grounded_seg_scope!r} needs {name}")
-            ids = _ids(which, name, tuple(prompt_mask.shape))
+        ids = self.grounded_prompt_ids(prompt_keys, prompt_heads, prompt_mask)
         total = patch_embed.new_zeros(())
         if self.grounded_seg_weight > 0:
             out["grounded"] = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask, scale,

@@ -361,7 +361,8 @@ def _dict_field_keys() -> dict[str, list[str]]:
     ``model.vision`` / ``model.text``: the parameters of :class:`mixreorg.nn.vision.GroupViTVisionEncoder`
     / :class:`mixreorg.nn.text.TextEncoder` (``img_size`` and ``use_checkpoint`` are set by the builder
     from ``data.image_size`` / ``model.use_checkpoint``, and accepted); ``model.mixreorg``: the fields of
-    :class:`mixreorg.nn.mixreorg.MixReorgConfig` plus ``seg_weight`` / ``restored_weight`` / ``patch_seg_weight``;
+    :class:`mixreorg.nn.mixreorg.MixReorgConfig` plus ``seg_weight`` / ``restored_weight`` /
+    ``patch_seg_weight`` / ``mixed_grounded_weight``;
     ``data.synth``: the fields of :class:`mixreorg.data.synthshapes.SynthShapesConfig` except
     ``image_size`` (``data.image_size`` sets it); ``eval.roots``: the datasets that need a root folder.
     """
@@ -385,7 +386,8 @@ def _dict_field_keys() -> dict[str, list[str]]:
         "model.vision": sorted(params(GroupViTVisionEncoder.__init__)),
         "model.text": sorted(params(TextEncoder.__init__)),
         "model.mixreorg": sorted(
-            [f.name for f in dataclasses.fields(MixReorgConfig)] + ["seg_weight", "restored_weight", "patch_seg_weight"]
+            [f.name for f in dataclasses.fields(MixReorgConfig)]
+            + ["seg_weight", "restored_weight", "patch_seg_weight", "mixed_grounded_weight"]
         ),
         "eval.roots": sorted(_DATASETS),
     }

@@ -30,12 +30,14 @@ class MixReorgPretrainer(nn.Module):
         objective: the image-text objective shared by every compared model.
         seg_weight, restored_weight: loss weights (0 switches a term off: Table 6 rows).
         patch_seg_weight: weight of L_seg at the patch level (:class:`~mixreorg.losses.MixReorgLoss`).
+        mixed_grounded_weight: weight of the caption-grounded term on the mixed images (same class).
         patch_tokens: the patches an objective with ``patch_label_weight > 0`` scores (``"stage1"`` or
             ``"embed"``, as :class:`mixreorg.recipes.models.GroupViTPretrainer`).
     """
 
     def __init__(self, model: MixReorg, objective: nn.Module, seg_weight: float = 1.0,
-                 restored_weight: float = 1.0, patch_seg_weight: float = 0.0, patch_tokens: str = "stage1") -> None:
+                 restored_weight: float = 1.0, patch_seg_weight: float = 0.0, patch_tokens: str = "stage1",
+                 mixed_grounded_weight: float = 0.0) -> None:
         super().__init__()
         if patch_tokens not in PATCH_LABEL_TOKENS:
             raise ValueError(f"patch_tokens must be one of {PATCH_LABEL_TOKENS}, got {patch_tokens!r}")
@@ -43,7 +45,7 @@ class MixReorgPretrainer(nn.Module):
         self.model = model
         self.objective = objective
         self.loss = MixReorgLoss(objective, seg_weight=seg_weight, restored_weight=restored_weight,
-                                 patch_seg_weight=patch_seg_weight)
+                                 patch_seg_weight=patch_seg_weight, mixed_grounded_weight=mixed_grounded_weight)
 
     def inference_model(self) -> nn.Module:
         """GroupViT+ with the trained weights: the original branch alone (same cost as GroupViT),
@@ -71,7 +73,7 @@ class MixReorgPretrainer(nn.Module):
         obj = self.objective
         uses_prompts = any(getattr(obj, w, d) for w, d in (
             ("multi_label_weight", 1.0), ("patch_label_weight", 0.0), ("prompt_uniformity_weight", 0.0),
-            ("grounded_seg_weight", 0.0), ("grounded_patch_weight", 0.0)))
+            ("grounded_seg_weight", 0.0), ("grounded_patch_weight", 0.0))) or self.loss.mixed_grounded_weight > 0
         prompts = batch.get("prompts") if uses_prompts else None
         out = self.model(images, text, prompt_ids=prompts, plan=batch.get("plan"),
                          patch_embed=self.loss.patch_seg_weight > 0,
@@ -90,9 +92,10 @@ class MixReorgPretrainer(nn.Module):
 def build_mixreorg_trainer(cfg) -> MixReorgPretrainer:
     """``--model mixreorg``: the recipe's GroupViT backbone and shared objective, MixReorg switches
     from ``cfg.model.mixreorg`` (:class:`MixReorgConfig` fields plus ``seg_weight`` /
-    ``restored_weight`` / ``patch_seg_weight``); every branch pools as ``cfg.model.image_pool`` says
-    (the backbone's)."""
+    ``restored_weight`` / ``patch_seg_weight`` / ``mixed_grounded_weight``); every branch pools as
+    ``cfg.model.image_pool`` says (the backbone's)."""
     opts = dict(cfg.model.mixreorg)
-    weights = {k: opts.pop(k) for k in ("seg_weight", "restored_weight", "patch_seg_weight") if k in opts}
+    weights = {k: opts.pop(k) for k in ("seg_weight", "restored_weight", "patch_seg_weight", "mixed_grounded_weight")
+               if k in opts}
     return MixReorgPretrainer(MixReorg(build_groupvit(cfg), opts), build_objective(cfg),
                               patch_tokens=cfg.objective.patch_label_tokens, **weights)
