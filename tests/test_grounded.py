@@ -162,6 +162,40 @@ def test_mixed_term_bad_input_names_the_problem():
         grounded_mixed_loss(patch, seg, assign, src.float(), prompts, mask, 1.0, prompt_ids=ids)
 
 
+def test_confident_patch_term_teaches_only_confident_patches_on_the_allowed_prompts():
+    """``teach_on`` / ``threshold``: a patch is taught, hard, only where its teacher's top prompt is
+    allowed and above the threshold; the mean is over the patches taught (checked patch by patch)."""
+    patch, _, _, prompts, mask = _inputs(3, 3, 1, 1, 4, 8, seed=6, min_nouns=3)
+    ids = torch.tensor([[0, 1, 2, 3], [1, 0, 4, 5], [2, 3, 0, 1]])
+    allowed = torch.tensor([[True, False, True, False], [False, True, True, True], [True, True, False, False]])
+    scale, thr = 12.0, 0.4
+    got = grounded_patch_loss(patch, prompts, mask, scale, scope="noun", prompt_ids=ids, teach_on=allowed,
+                              threshold=thr)
+    b, k = mask.shape
+    every = [(a, j) for a in range(b) for j in range(k) if mask[a, j]]
+    total, count = 0.0, 0
+    for i in range(b):
+        for p in range(patch.shape[1]):
+            logits = (scale * prompts[i] @ patch[i, p]).masked_fill(~mask[i], -1e4)
+            prob, best = logits.softmax(0).max(0)
+            if not (prob > thr and allowed[i, best] and mask[i].sum() >= 2):
+                continue
+            logp = torch.log_softmax(torch.stack([scale * patch[i, p] @ prompts[a, j] for a, j in every]), 0)
+            same = [q for q, (a, j) in enumerate(every) if ids[a, j] == ids[i, best]]
+            total, count = total - logp[same].sum() / len(same), count + 1
+    assert count > 0
+    torch.testing.assert_close(got.double(), torch.as_tensor(total / count, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    nothing = torch.zeros_like(allowed)
+    patch.requires_grad_(True)
+    none = grounded_patch_loss(patch, prompts, mask, scale, scope="noun", prompt_ids=ids, teach_on=nothing)
+    none.backward()
+    assert none.item() == 0.0 and not patch.grad.any()
+    with pytest.raises(ValueError, match="threshold must be"):
+        grounded_patch_loss(patch, prompts, mask, scale, scope="noun", prompt_ids=ids, threshold=1.0)
+    with pytest.raises(ValueError, match="teach_on must be"):
+        grounded_patch_loss(patch, prompts, mask, scale, scope="noun", prompt_ids=ids, teach_on=allowed.long())
+
+
 def test_gradients_reach_segments_map_and_prompts_not_the_teacher():
     patch, seg, assign, prompts, mask = _inputs(3, 2, 2, 4, 5, 16, seed=1, min_nouns=2)
     for t in (patch, seg, assign, prompts):
@@ -233,7 +267,8 @@ def test_the_grounded_term_trains_the_grouping_of_both_models(name):
     from mixreorg.recipes.models import build_model
 
     cfg = get_preset("tiny_grounded" if name == "groupvit" else "tiny_grounded_mixreorg")
-    apply_overrides(cfg, ["train.cpu_bf16=off", "train.batch_size=8", "objective.grounded_patch_weight=1"])
+    apply_overrides(cfg, ["train.cpu_bf16=off", "train.batch_size=8", "objective.grounded_patch_weight=1",
+                          "objective.grounded_patch_on=phrases"])
     if name == "mixreorg":
         cfg.model.mixreorg = dict(group_size=4, mixed_grounded_weight=1.0)
     torch.manual_seed(0)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grounded_seg_loss", "grounded_patch_loss", "grounded_mixed_loss", "GROUNDED_SCOPES"]
+__all__ = ["grounded_seg_loss", "grounded_patch_loss", "grounded_mixed_loss", "GROUNDED_SCOPES", "GROUNDED_PATCH_ON"]
 
 GROUNDED_SCOPES = ("image", "batch", "noun")  # what a position's segment is told apart from
+GROUNDED_PATCH_ON = ("all", "phrases")  # which prompts may teach a patch (objective.grounded_patch_on)
 
 _MASKED = -1e4  # not -inf: a masked logit times a zero target must stay finite
 
@@ -98,7 +99,7 @@ def grounded_seg_loss(
         grid = target.transpose(1, 2).reshape(b, -1, h, h)
         target = F.interpolate(grid, size=(big, big), mode="nearest").flatten(2).transpose(1, 2)  # [B, N, K]
     pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]: each position's segment
-    return _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids)
+    return _image_mean(_student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids), prompt_mask)
 
 
 def grounded_patch_loss(
@@ -109,6 +110,8 @@ def grounded_patch_loss(
     *,
     scope: str = "noun",
     prompt_ids: torch.Tensor | None = None,
+    teach_on: torch.Tensor | None = None,
+    threshold: float = 0.0,
 ) -> torch.Tensor:
     """The grounded label on the patch tokens themselves: deep supervision of what the grouping assigns.
 
@@ -125,6 +128,13 @@ def grounded_patch_loss(
     named in most captions, takes over (the teacher then names 96-100% of background patches right
     and 15-31% of object patches). A teacher that is not the student (e.g. an EMA copy) is the
     known remedy.
+
+    ``teach_on [B, K]`` (bool, optional) and ``threshold`` (``[0, 1)``) turn the soft labels into
+    confident hard ones, the usual remedy for self-training's confirmation bias (FixMatch): a patch
+    is taught only where its teacher's most likely prompt is one of ``teach_on`` (e.g. the
+    caption's modified nouns, "red circle": objects, found by colour) with probability above
+    ``threshold``; it is then taught that prompt (spread by ``prompt_ids``) alone, and the mean is
+    over the patches taught.
 
     Args: as :func:`grounded_seg_loss` (``patch_embed [B, L, D]`` now carries the gradient).
     """
@@ -145,8 +155,23 @@ def grounded_patch_loss(
         raise ValueError("grounded_patch_loss: scope='image' makes every patch its own teacher (zero gradient); "
                          "use 'batch' or 'noun'")
     _check_scope(scope, prompt_ids, prompt_mask)
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+    if teach_on is not None and (teach_on.shape != prompt_mask.shape or teach_on.dtype != torch.bool):
+        raise ValueError(f"teach_on must be a bool [B={b}, K={k}], got {teach_on.dtype} {tuple(teach_on.shape)}")
     target = _teacher(patch_embed, prompt_embed, prompt_mask, scale)  # [B, L, K]
-    return _student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids)
+    if teach_on is None and threshold == 0.0:
+        return _image_mean(_student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids),
+                           prompt_mask)
+    with torch.no_grad():
+        prob, best = target.max(-1)  # [B, L]
+        taught = prob > threshold
+        if teach_on is not None:
+            taught &= torch.gather(teach_on.to(best.device), 1, best)
+        taught &= (prompt_mask.sum(-1) >= 2).to(best.device)[:, None]
+        target = F.one_hot(best, k).to(target.dtype) * taught[..., None]  # [B, L, K]
+    per_pos = _student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids)  # [B, L]
+    return (per_pos * taught).sum() / taught.sum().clamp_min(1)
 
 
 def _check_scope(scope: str, prompt_ids: torch.Tensor | None, prompt_mask: torch.Tensor) -> None:
@@ -165,8 +190,7 @@ def _teacher(patch_embed, prompt_embed, prompt_mask, scale) -> torch.Tensor:
 
 
 def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids) -> torch.Tensor:
-    """Soft cross-entropy from ``target [B, N, K]`` to the students ``pos [B, N, D]``, mean over the
-    images with at least two noun prompts."""
+    """``[B, N]`` soft cross-entropy from ``target [B, N, K]`` to each student of ``pos [B, N, D]``."""
     b, k = prompt_mask.shape
     if scope == "image":
         mask = prompt_mask.to(pos.device)[:, None, :]  # [B, 1, K]
@@ -181,9 +205,13 @@ def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_i
             same = (ids[:, :, None] == ids.reshape(1, 1, b * k)) & flat_mask[0]  # [B, K, B*K]
             spread = same.float() / same.sum(-1, keepdim=True).clamp_min(1)
             target = torch.einsum("bnk,bkm->bnm", target, spread)  # [B, N, B*K]
-    per_image = -(target * logp).sum(-1).mean(-1)  # [B]
-    counts = prompt_mask.sum(-1).to(per_image.device) >= 2
-    return (per_image * counts).sum() / counts.sum().clamp_min(1)
+    return -(target * logp).sum(-1)  # [B, N]
+
+
+def _image_mean(per_pos: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions, then over the images with at least two noun prompts (0 if none)."""
+    counts = prompt_mask.sum(-1).to(per_pos.device) >= 2
+    return (per_pos.mean(-1) * counts).sum() / counts.sum().clamp_min(1)
 
 
 def grounded_mixed_loss(

@@ -41,6 +41,8 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
 * ``grounded_patch_weight`` (default 0, off) [R]: :func:`mixreorg.losses.grounded.grounded_patch_loss`:
   the same label on the patch tokens themselves, told apart from every noun prompt of the batch
   (``grounded_seg_scope`` ``batch`` or ``noun``): deep supervision from the captions.
+  ``grounded_patch_on="phrases"`` and ``grounded_patch_threshold`` teach only the patches whose
+  label is, confidently, one of the caption's modified nouns ("red circle"), hard.
 * ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
   of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
   image ``i``'s label keys (default: the keys of its own prompts).
@@ -70,7 +72,7 @@ from .contrastive import (
     logit_scale_value,
     prompt_loss,
 )
-from .grounded import GROUNDED_SCOPES, grounded_patch_loss, grounded_seg_loss
+from .grounded import GROUNDED_PATCH_ON, GROUNDED_SCOPES, grounded_patch_loss, grounded_seg_loss
 
 __all__ = ["ContrastiveObjective", "MULTI_LABEL_POOLS", "label_key_ids"]
 
@@ -185,6 +187,8 @@ class ContrastiveObjective(nn.Module):
         grounded_seg_weight: float = 0.0,
         grounded_seg_scope: str = "image",
         grounded_patch_weight: float = 0.0,
+        grounded_patch_on: str = "all",
+        grounded_patch_threshold: float = 0.0,
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -223,6 +227,11 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"grounded_seg_scope must be one of {GROUNDED_SCOPES}, got {grounded_seg_scope!r}")
         self.grounded_seg_scope = grounded_seg_scope
         self.grounded_patch_weight = float(grounded_patch_weight)
+        if grounded_patch_on not in GROUNDED_PATCH_ON:
+            raise ValueError(f"grounded_patch_on must be one of {GROUNDED_PATCH_ON}, got {grounded_patch_on!r}")
+        if not 0.0 <= grounded_patch_threshold < 1.0:
+            raise ValueError(f"grounded_patch_threshold must be in [0, 1), got {grounded_patch_threshold!r}")
+        self.grounded_patch_on, self.grounded_patch_threshold = grounded_patch_on, float(grounded_patch_threshold)
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -374,8 +383,16 @@ class ContrastiveObjective(nn.Module):
                                                 scope=self.grounded_seg_scope, prompt_ids=ids)
             total = total + self.grounded_seg_weight * out["grounded"]
         if self.grounded_patch_weight > 0:
+            teach_on = None
+            if self.grounded_patch_on == "phrases":  # a phrase's key differs from its head noun's
+                if prompt_keys is None or prompt_heads is None:
+                    raise ValueError("grounded_patch_on='phrases' needs prompt_keys and prompt_heads")
+                shape = tuple(prompt_mask.shape)
+                teach_on = _ids(prompt_keys, "prompt_keys", shape) != _ids(prompt_heads, "prompt_heads", shape)
+                teach_on = teach_on.to(prompt_mask.device) & prompt_mask
             out["grounded_patch"] = grounded_patch_loss(patch_embed, prompt_embed, prompt_mask, scale,
-                                                        scope=self.grounded_seg_scope, prompt_ids=ids)
+                                                        scope=self.grounded_seg_scope, prompt_ids=ids,
+                                                        teach_on=teach_on, threshold=self.grounded_patch_threshold)
             total = total + self.grounded_patch_weight * out["grounded_patch"]
         return total
 

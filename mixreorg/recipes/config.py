@@ -150,6 +150,8 @@ class ObjectiveConfig:
     grounded_seg_weight: float = 0.0  # [R] the grouping reproduces the patches' labels among the caption's nouns
     grounded_seg_scope: str = "image"  # [R] "image" | "batch" | "noun": what each segment is told apart from
     grounded_patch_weight: float = 0.0  # [R] the same labels on the patch tokens (scope batch or noun)
+    grounded_patch_on: str = "all"  # [R] "all" | "phrases": which prompts may teach a patch
+    grounded_patch_threshold: float = 0.0  # [R] > 0: only confident patches, hard labels
     patch_label_tokens: str = "stage1"  # which patches: "stage1" (after its blocks) | "embed" (before any)
     bias_init: float = -10.0
     ml_bias_init: float | None = None
@@ -323,6 +325,14 @@ class PretrainConfig:
         elif self.objective.grounded_patch_weight > 0 and self.objective.grounded_seg_scope == "image":
             problems.append("objective.grounded_patch_weight > 0 needs objective.grounded_seg_scope batch|noun "
                             "(in the image scope a patch is its own teacher: zero gradient)")
+        if self.objective.grounded_patch_on not in ("all", "phrases"):
+            problems.append(
+                f"objective.grounded_patch_on must be all|phrases, got {self.objective.grounded_patch_on!r}"
+            )
+        if not 0.0 <= self.objective.grounded_patch_threshold < 1.0:
+            problems.append(
+                f"objective.grounded_patch_threshold must be in [0, 1), got {self.objective.grounded_patch_threshold!r}"
+            )
         if not self.objective.patch_mean_weight >= 0:
             problems.append(f"objective.patch_mean_weight must be >= 0, got {self.objective.patch_mean_weight!r}")
         if self.objective.patch_label_tokens not in PATCH_LABEL_TOKENS:
