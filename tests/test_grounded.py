@@ -291,3 +291,20 @@ def test_the_grounded_term_trains_the_grouping_of_both_models(name):
     text = [p for n, p in named.items() if ".text." in n and n.endswith("weight")]
     assert assign and all(p.grad is not None and p.grad.abs().sum() > 0 for p in assign)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in text)
+
+
+def test_config_rejects_grounded_patch_settings_that_would_teach_nothing():
+    from mixreorg.recipes.config import apply_overrides, get_preset
+
+    def problems(*sets):
+        with pytest.raises(ValueError) as info:
+            apply_overrides(get_preset("tiny_grounded"), list(sets)).validate()
+        return str(info.value)
+
+    assert "own teacher" in problems("objective.grounded_patch_weight=1", "objective.grounded_seg_scope=image")
+    assert "needs data.prompt_phrases" in problems("objective.grounded_patch_weight=1", "data.prompt_phrases=false",
+                                                   "objective.grounded_patch_on=phrases")
+    assert "must be all|phrases" in problems("objective.grounded_patch_on=nouns")
+    assert "must be in [0, 1)" in problems("objective.grounded_patch_threshold=1.5")
+    apply_overrides(get_preset("tiny_grounded"), ["objective.grounded_patch_weight=1",
+                                                  "objective.grounded_patch_on=phrases"]).validate()

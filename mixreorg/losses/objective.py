@@ -247,7 +247,8 @@ class ContrastiveObjective(nn.Module):
             f"loss={self.loss_form!r}, multi_positive={self.multi_positive}, "
             f"multi_label_weight={self.multi_label_weight}, multi_label_pool={self.multi_label_pool!r}, "
             f"patch_label_weight={self.patch_label_weight}, prompt_uniformity_weight={self.prompt_uniformity_weight}, "
-            f"patch_mean_weight={self.patch_mean_weight}"
+            f"patch_mean_weight={self.patch_mean_weight}, grounded_seg_weight={self.grounded_seg_weight}, "
+            f"grounded_seg_scope={self.grounded_seg_scope!r}, grounded_patch_weight={self.grounded_patch_weight}"
         )
 
     @property

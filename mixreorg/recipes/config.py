@@ -326,6 +326,9 @@ class PretrainConfig:
         elif self.objective.grounded_patch_weight > 0 and self.objective.grounded_seg_scope == "image":
             problems.append("objective.grounded_patch_weight > 0 needs objective.grounded_seg_scope batch|noun "
                             "(in the image scope a patch is its own teacher: zero gradient)")
+        if self.objective.grounded_patch_on == "phrases" and not self.data.prompt_phrases:
+            problems.append("objective.grounded_patch_on=phrases needs data.prompt_phrases=true (without phrase "
+                            "prompts no patch would be taught)")
         if self.objective.grounded_patch_on not in ("all", "phrases"):
             problems.append(
                 f"objective.grounded_patch_on must be all|phrases, got {self.objective.grounded_patch_on!r}"
