@@ -576,8 +576,9 @@ def _tiny_grounded() -> PretrainConfig:
     * ``objective.grounded_seg_weight=1`` with ``grounded_seg_scope="noun"``: the grouping path must
       give each grouped position the noun its patch shows among the caption's.
 
-    500 steps, one seed, GroupViT: mIoU 0.388 (stuff 0.85, circle 0.21, ring 0.21) and 4.9 groups
-    used per image, against 0.29-0.32 and about one group for every earlier text-supervised run.
+    500 steps, GroupViT: mIoU 0.388 / 0.226 / 0.146 with seeds 0 / 1 / 2 (0.253 ± 0.123; seed 0 uses
+    4.9 groups per image, seeds 1-2 about two), against 0.289 / 0.336 without the grounded term:
+    whether the grouping splits the objects depends on the seed (docs/investigation/LOG.md, session 12).
     """
     cfg = _tiny_hybrid()
     cfg.preset = "tiny_grounded"
