@@ -9,6 +9,11 @@ reading its segment's embedding through the straight-through hard map, as zero-s
 labels it (the student). This is the supervised bound's per-pixel loss with the caption's nouns
 in place of the masks: it asks the grouping to give differently named parts different segments,
 which no image-level term does (the one-segment collapse of the tiny recipe). Not in the paper.
+
+Three students of the same teacher: the grouped positions (:func:`grounded_seg_loss`), the patch
+tokens themselves (:func:`grounded_patch_loss`) and MixReorg's mixed images, each patch named by
+the label of the original patch it came from (:func:`grounded_mixed_loss`). What each measured on
+the tiny recipe, over seeds where it was checked: docs/investigation/LOG.md, sessions 11-12.
 """
 
 from __future__ import annotations
