@@ -252,7 +252,8 @@ def grounded_mixed_loss(
             ``scope`` ``"batch"`` or ``"noun"`` (a mixed image has no caption of its own).
 
     The mean is over the mixed positions whose source names at least two nouns (0 with a zero
-    gradient when none does).
+    gradient when none does). Under ``torch.distributed`` everything is the rank's own (MixReorg
+    mixes within a rank's batch; nothing is gathered).
     """
     _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
     if scope == "image":
