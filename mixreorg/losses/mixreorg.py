@@ -103,8 +103,8 @@ class MixReorgLoss(nn.Module):
             (the mixed image's per-patch NOUNS, where L_seg uses its per-patch captions). Needs a
             contrastive objective with a per-patch term (the original branch's ``patch_embed``) and
             ``grounded_seg_scope`` ``batch`` or ``noun``; 0: off. On the ``tiny_grounded_mixreorg``
-            preset (320 steps, G = 8, one seed) it lifts the zero-shot mIoU from 0.151 to 0.240
-            (docs/investigation/LOG.md, session 12).
+            preset (320 steps, G = 8) it lifts the zero-shot mIoU from 0.151 / 0.139 to 0.240 /
+            0.163 (seeds 0 / 1; docs/investigation/LOG.md, session 12).
     """
 
     def __init__(self, contrastive: nn.Module | Callable | None = None, seg_weight: float = 1.0,

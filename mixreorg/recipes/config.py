@@ -594,9 +594,10 @@ def _tiny_grounded() -> PretrainConfig:
 
 def _tiny_grounded_mixreorg() -> PretrainConfig:
     """``tiny_grounded``'s MixReorg twin, its mixed images named by their sources' nouns as well
-    (``model.mixreorg.mixed_grounded_weight=1``): 320 steps, G = 8, one seed, mIoU 0.240 with it and
-    0.151 without (L_seg, which keeps each source image in one segment, works against the grounded
-    grouping; without L_seg 0.340-0.349; docs/investigation/LOG.md, sessions 11-12)."""
+    (``model.mixreorg.mixed_grounded_weight=1``): 320 steps, G = 8, seeds 0 / 1, mIoU 0.240 / 0.163
+    with it and 0.151 / 0.139 without (L_seg, which keeps each source image in one segment, works
+    against the grounded grouping; without L_seg 0.340-0.349 with seed 0; docs/investigation/LOG.md,
+    sessions 11-12)."""
     cfg = _as_mixreorg(_tiny_grounded())
     cfg.model.mixreorg["mixed_grounded_weight"] = 1.0
     return cfg
