@@ -58,6 +58,36 @@ def _square(n: int, what: str) -> int:
     return side
 
 
+def _grids(patch_embed: torch.Tensor, assign: torch.Tensor) -> tuple[int, int]:
+    """``(h, H)``: the patch grid side and the grouped grid side, ``H`` a multiple of ``h``."""
+    h, big = _square(patch_embed.shape[1], "patch_embed"), _square(assign.shape[2], "assign")
+    if big % h:
+        raise ValueError(f"the grouped grid ({big}x{big}) is not a multiple of the patch grid ({h}x{h})")
+    return h, big
+
+
+def _to_grouped_grid(x: torch.Tensor, h: int, big: int) -> torch.Tensor:
+    """``[B, h*h, C]`` per-patch values to the ``[B, H*H, C]`` grouped positions each patch covers."""
+    if big == h:
+        return x
+    grid = x.transpose(1, 2).reshape(x.shape[0], -1, h, h)
+    return F.interpolate(grid, size=(big, big), mode="nearest").flatten(2).transpose(1, 2)
+
+
+def _share_by_id(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """``[B*K, B*K]``: row ``a`` spreads prompt ``a``'s mass equally over the noun prompts with its id."""
+    ids, mask = prompt_ids.reshape(-1), prompt_mask.reshape(-1)
+    same = (ids[:, None] == ids[None, :]) & mask[None, :]
+    return same.float() / same.sum(-1, keepdim=True).clamp_min(1)
+
+
+def _vocab_logp(pos, prompt_embed, prompt_mask, scale) -> torch.Tensor:
+    """``[B, N, B*K]`` each student's log-softmax over every noun prompt of the batch."""
+    b, k = prompt_mask.shape
+    logits = torch.einsum("bnd,md->bnm", pos.float(), prompt_embed.reshape(b * k, -1).float()) * scale
+    return logits.masked_fill(~prompt_mask.reshape(1, 1, b * k).to(pos.device), _MASKED).log_softmax(-1)
+
+
 def grounded_seg_loss(
     patch_embed: torch.Tensor,
     seg_embed: torch.Tensor,
@@ -95,14 +125,8 @@ def grounded_seg_loss(
     """
     _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
     _check_scope(scope, prompt_ids, prompt_mask)
-    b, n = assign.shape[0], assign.shape[2]
-    h, big = _square(patch_embed.shape[1], "patch_embed"), _square(n, "assign")
-    if big % h:
-        raise ValueError(f"the grouped grid ({big}x{big}) is not a multiple of the patch grid ({h}x{h})")
-    target = _teacher(patch_embed, prompt_embed, prompt_mask, scale)  # [B, L, K]
-    if big != h:  # each patch's label to the grouped positions it covers
-        grid = target.transpose(1, 2).reshape(b, -1, h, h)
-        target = F.interpolate(grid, size=(big, big), mode="nearest").flatten(2).transpose(1, 2)  # [B, N, K]
+    h, big = _grids(patch_embed, assign)
+    target = _to_grouped_grid(_teacher(patch_embed, prompt_embed, prompt_mask, scale), h, big)  # [B, N, K]
     pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]: each position's segment
     return _image_mean(_student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids), prompt_mask)
 
@@ -202,13 +226,9 @@ def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_i
         logits = torch.einsum("bnd,bkd->bnk", pos.float(), prompt_embed.float()) * scale
         logp = logits.masked_fill(~mask, _MASKED).log_softmax(-1)
     else:
-        flat_mask = prompt_mask.reshape(1, 1, b * k).to(pos.device)
-        logits = torch.einsum("bnd,md->bnm", pos.float(), prompt_embed.reshape(b * k, -1).float()) * scale
-        logp = logits.masked_fill(~flat_mask, _MASKED).log_softmax(-1)  # [B, N, B*K]
+        logp = _vocab_logp(pos, prompt_embed, prompt_mask, scale)  # [B, N, B*K]
         with torch.no_grad():
-            ids = prompt_ids.to(pos.device)
-            same = (ids[:, :, None] == ids.reshape(1, 1, b * k)) & flat_mask[0]  # [B, K, B*K]
-            spread = same.float() / same.sum(-1, keepdim=True).clamp_min(1)
+            spread = _share_by_id(prompt_ids.to(pos.device), prompt_mask.to(pos.device)).view(b, k, b * k)
             target = torch.einsum("bnk,bkm->bnm", target, spread)  # [B, N, B*K]
     return -(target * logp).sum(-1)  # [B, N]
 
@@ -260,12 +280,10 @@ def grounded_mixed_loss(
         raise ValueError("grounded_mixed_loss: a mixed image has no prompts of its own; use scope 'batch' or 'noun'")
     _check_scope(scope, prompt_ids, prompt_mask)
     b, length = patch_embed.shape[:2]
-    k, n = prompt_mask.shape[1], assign.shape[2]
+    k = prompt_mask.shape[1]
     if src.shape != (b, length) or src.dtype != torch.long:
         raise ValueError(f"src must be int64 [B={b}, L={length}], got {src.dtype} {tuple(src.shape)}")
-    h, big = _square(length, "patch_embed"), _square(n, "assign")
-    if big % h:
-        raise ValueError(f"the grouped grid ({big}x{big}) is not a multiple of the patch grid ({h}x{h})")
+    h, big = _grids(patch_embed, assign)
     src = src.to(patch_embed.device)
     with torch.no_grad():
         teach = _teacher(patch_embed, prompt_embed, prompt_mask, scale)  # [B, L, K] of the originals
@@ -273,16 +291,10 @@ def grounded_mixed_loss(
         flat = moved.new_zeros(b, length, b, k)
         flat.scatter_(2, src[:, :, None, None].expand(b, length, 1, k), moved[:, :, None, :])
         valid = (prompt_mask.to(src.device).sum(-1) >= 2)[src].float()  # [B, L] source names >= 2 nouns
-        ids = prompt_ids.to(src.device).reshape(b * k)
-        mask = prompt_mask.to(src.device).reshape(b * k)
-        same = (ids[:, None] == ids[None, :]) & mask[None, :]  # [B*K, B*K]
-        target = flat.reshape(b, length, b * k) @ (same.float() / same.sum(-1, keepdim=True).clamp_min(1))
-        if big != h:  # each patch's label and weight to the grouped positions it covers
-            both = torch.cat([target, valid[..., None]], -1).transpose(1, 2).reshape(b, -1, h, h)
-            both = F.interpolate(both, size=(big, big), mode="nearest").flatten(2).transpose(1, 2)
-            target, valid = both[..., :-1], both[..., -1]  # [B, N, B*K], [B, N]
+        target = flat.reshape(b, length, b * k) @ _share_by_id(prompt_ids.to(src.device), prompt_mask.to(src.device))
+        target = _to_grouped_grid(target, h, big)  # [B, N, B*K]
+        valid = _to_grouped_grid(valid[..., None], h, big)[..., 0]  # [B, N]
     pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]
-    logits = torch.einsum("bnd,md->bnm", pos.float(), prompt_embed.reshape(b * k, -1).float()) * scale
-    logp = logits.masked_fill(~mask.to(pos.device)[None, None, :], _MASKED).log_softmax(-1)  # [B, N, B*K]
+    logp = _vocab_logp(pos, prompt_embed, prompt_mask, scale)  # [B, N, B*K]
     per_pos = -(target * logp).sum(-1)  # [B, N]
     return (per_pos * valid).sum() / valid.sum().clamp_min(1)
