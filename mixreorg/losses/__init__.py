@@ -19,7 +19,7 @@ from mixreorg.losses.contrastive import (
     text_ids,
 )
 from mixreorg.losses.mixreorg import MixedSegmentationLoss, MixReorgLoss, canonical_caption_index
-from mixreorg.losses.objective import MULTI_LABEL_POOLS, ContrastiveObjective, label_key_ids
+from mixreorg.losses.objective import GROUNDED_TEACHERS, MULTI_LABEL_POOLS, ContrastiveObjective, label_key_ids
 
 __all__ = [
     "ContrastiveObjective",
@@ -30,6 +30,7 @@ __all__ = [
     "LOSS_FORMS",
     "MAX_LOGIT_SCALE",
     "MULTI_LABEL_POOLS",
+    "GROUNDED_TEACHERS",
     "caption_loss",
     "prompt_loss",
     "canonical_caption_index",

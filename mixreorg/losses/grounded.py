@@ -98,6 +98,7 @@ def grounded_seg_loss(
     *,
     scope: str = "image",
     prompt_ids: torch.Tensor | None = None,
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Soft cross-entropy, per grouped position, from the teacher's labels to the segments'.
 
@@ -118,6 +119,9 @@ def grounded_seg_loss(
             ``prompt_ids`` the prompts' head nouns, so that the mass the teacher puts on "red
             circle" (found by its colour) goes to every prompt naming a circle: the colour
             localises, the noun labels.
+        teacher: ``(patch_embed [B, L, D], prompt_embed [B, K, D])`` of another model (e.g. an EMA
+            copy, :class:`mixreorg.nn.ModelEma`) that labels the patches instead of ``patch_embed``
+            and ``prompt_embed``, which then only score the students.
 
     Images with fewer than two noun prompts tell nothing apart and count zero; the mean is over
     the images that do (0 with a zero gradient when none does). Under ``torch.distributed`` the
@@ -126,7 +130,7 @@ def grounded_seg_loss(
     _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
     _check_scope(scope, prompt_ids, prompt_mask)
     h, big = _grids(patch_embed, assign)
-    target = _to_grouped_grid(_teacher(patch_embed, prompt_embed, prompt_mask, scale), h, big)  # [B, N, K]
+    target = _to_grouped_grid(_teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher), h, big)  # [B, N, K]
     pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]: each position's segment
     return _image_mean(_student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids), prompt_mask)
 
@@ -141,6 +145,7 @@ def grounded_patch_loss(
     prompt_ids: torch.Tensor | None = None,
     teach_on: torch.Tensor | None = None,
     threshold: float = 0.0,
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The grounded label on the patch tokens themselves: deep supervision of what the grouping assigns.
 
@@ -165,7 +170,9 @@ def grounded_patch_loss(
     ``threshold``; it is then taught that prompt (spread by ``prompt_ids``) alone, and the mean is
     over the patches taught.
 
-    Args: as :func:`grounded_seg_loss` (``patch_embed [B, L, D]`` now carries the gradient).
+    Args: as :func:`grounded_seg_loss` (``patch_embed [B, L, D]`` now carries the gradient). With
+    ``teacher`` the labels come from another model's patches and prompts, and a patch is no longer
+    its own teacher (``scope="image"`` is then allowed).
     """
     if patch_embed.ndim != 3 or prompt_embed.ndim != 3:
         raise ValueError(
@@ -180,15 +187,15 @@ def grounded_patch_loss(
         raise ValueError(
             f"prompt_mask must be a bool [B={b}, K={k}], got {prompt_mask.dtype} {tuple(prompt_mask.shape)}"
         )
-    if scope == "image":
+    if scope == "image" and teacher is None:
         raise ValueError("grounded_patch_loss: scope='image' makes every patch its own teacher (zero gradient); "
-                         "use 'batch' or 'noun'")
+                         "use 'batch' or 'noun', or pass a teacher")
     _check_scope(scope, prompt_ids, prompt_mask)
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
     if teach_on is not None and (teach_on.shape != prompt_mask.shape or teach_on.dtype != torch.bool):
         raise ValueError(f"teach_on must be a bool [B={b}, K={k}], got {teach_on.dtype} {tuple(teach_on.shape)}")
-    target = _teacher(patch_embed, prompt_embed, prompt_mask, scale)  # [B, L, K]
+    target = _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher)  # [B, L, K]
     if teach_on is None and threshold == 0.0:
         return _image_mean(_student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids),
                            prompt_mask)
@@ -211,8 +218,17 @@ def _check_scope(scope: str, prompt_ids: torch.Tensor | None, prompt_mask: torch
 
 
 @torch.no_grad()
-def _teacher(patch_embed, prompt_embed, prompt_mask, scale) -> torch.Tensor:
-    """``[B, L, K]`` each patch's softmax over its image's noun prompts (zero on the others)."""
+def _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher=None) -> torch.Tensor:
+    """``[B, L, K]`` each patch's softmax over its image's noun prompts (zero on the others), read
+    from ``teacher = (patch_embed, prompt_embed)`` of another model when given."""
+    if teacher is not None:
+        t_patch, t_prompt = teacher
+        if t_patch.shape != patch_embed.shape or t_prompt.shape != prompt_embed.shape:
+            raise ValueError(
+                f"the teacher's embeddings must be shaped as the student's: patch {tuple(t_patch.shape)} vs "
+                f"{tuple(patch_embed.shape)}, prompt {tuple(t_prompt.shape)} vs {tuple(prompt_embed.shape)}"
+            )
+        patch_embed, prompt_embed = t_patch, t_prompt
     mask = prompt_mask.to(patch_embed.device)[:, None, :]  # [B, 1, K]
     teach = torch.einsum("bld,bkd->blk", patch_embed.float(), prompt_embed.float()) * scale
     return teach.masked_fill(~mask, _MASKED).softmax(-1) * mask
@@ -250,6 +266,7 @@ def grounded_mixed_loss(
     *,
     scope: str = "noun",
     prompt_ids: torch.Tensor | None = None,
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The grounded term on MixReorg's MIXED images: each mixed position is named by the teacher's label
     of the original patch it came from.
@@ -268,7 +285,7 @@ def grounded_mixed_loss(
             map (``N = H x H``, ``H`` a multiple of ``h``).
         src: ``[B, L]`` the batch row each mixed patch was read from (``MixPlan.src``); patches keep
             their position.
-        prompt_embed, prompt_mask, scale, scope, prompt_ids: as :func:`grounded_seg_loss`;
+        prompt_embed, prompt_mask, scale, scope, prompt_ids, teacher: as :func:`grounded_seg_loss`;
             ``scope`` ``"batch"`` or ``"noun"`` (a mixed image has no caption of its own).
 
     The mean is over the mixed positions whose source names at least two nouns (0 with a zero
@@ -286,7 +303,7 @@ def grounded_mixed_loss(
     h, big = _grids(patch_embed, assign)
     src = src.to(patch_embed.device)
     with torch.no_grad():
-        teach = _teacher(patch_embed, prompt_embed, prompt_mask, scale)  # [B, L, K] of the originals
+        teach = _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher)  # [B, L, K] of the originals
         moved = teach[src, torch.arange(length, device=src.device)]  # [B, L, K]: each mixed patch's label
         flat = moved.new_zeros(b, length, b, k)
         flat.scatter_(2, src[:, :, None, None].expand(b, length, 1, k), moved[:, :, None, :])

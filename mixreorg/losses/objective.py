@@ -43,6 +43,11 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
   (``grounded_seg_scope`` ``batch`` or ``noun``): deep supervision from the captions.
   ``grounded_patch_on="phrases"`` and ``grounded_patch_threshold`` teach only the patches whose
   label is, confidently, one of the caption's modified nouns ("red circle"), hard.
+* ``grounded_teacher`` (default ``"self"``) [R]: who labels the patches for the grounded terms: the
+  student's own patch tokens (``"self"``), or (``"ema"``) the ``teacher_patch_embed`` /
+  ``teacher_prompt_embed`` the trainer passes (an EMA copy of the model, :class:`mixreorg.nn.ModelEma`);
+  then the patch term waits until a teacher is passed (the segment term uses the student's own
+  labels until then).
 * ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
   of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
   image ``i``'s label keys (default: the keys of its own prompts).
@@ -74,9 +79,10 @@ from .contrastive import (
 )
 from .grounded import GROUNDED_PATCH_ON, GROUNDED_SCOPES, grounded_patch_loss, grounded_seg_loss
 
-__all__ = ["ContrastiveObjective", "MULTI_LABEL_POOLS", "label_key_ids"]
+__all__ = ["ContrastiveObjective", "GROUNDED_TEACHERS", "MULTI_LABEL_POOLS", "label_key_ids"]
 
 MULTI_LABEL_POOLS = ("image", "max_segment")
+GROUNDED_TEACHERS = ("self", "ema")  # who labels the patches for the grounded terms
 
 
 @torch.compiler.disable
@@ -189,6 +195,7 @@ class ContrastiveObjective(nn.Module):
         grounded_patch_weight: float = 0.0,
         grounded_patch_on: str = "all",
         grounded_patch_threshold: float = 0.0,
+        grounded_teacher: str = "self",
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -232,6 +239,9 @@ class ContrastiveObjective(nn.Module):
         if not 0.0 <= grounded_patch_threshold < 1.0:
             raise ValueError(f"grounded_patch_threshold must be in [0, 1), got {grounded_patch_threshold!r}")
         self.grounded_patch_on, self.grounded_patch_threshold = grounded_patch_on, float(grounded_patch_threshold)
+        if grounded_teacher not in GROUNDED_TEACHERS:
+            raise ValueError(f"grounded_teacher must be one of {GROUNDED_TEACHERS}, got {grounded_teacher!r}")
+        self.grounded_teacher = grounded_teacher
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -306,6 +316,8 @@ class ContrastiveObjective(nn.Module):
         assign: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         prompt_heads: Sequence[Sequence[Hashable]] | torch.Tensor | None = None,
+        teacher_patch_embed: torch.Tensor | None = None,
+        teacher_prompt_embed: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         check_pair(image_embed, text_embed)
         batch, dim = image_embed.shape
@@ -349,7 +361,8 @@ class ContrastiveObjective(nn.Module):
         if self.grounded_seg_weight > 0 or self.grounded_patch_weight > 0:
             loss = loss + self._grounded(out, patch_embed, seg_embed, assign, prompt_embed, prompt_mask,
                                          prompt_keys, prompt_heads,
-                                         logit_scale_value(ml_log_scale, self.max_logit_scale, image_embed))
+                                         logit_scale_value(ml_log_scale, self.max_logit_scale, image_embed),
+                                         self.grounded_teacher_of(teacher_patch_embed, teacher_prompt_embed))
         if self.prompt_uniformity_weight > 0:
             uni = self._prompt_uniformity(prompt_embed, prompt_keys)
             out["uniformity"] = uni
@@ -368,8 +381,20 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"grounded_seg_scope={self.grounded_seg_scope!r} needs {name}")
         return _ids(which, name, tuple(prompt_mask.shape))
 
+    def grounded_teacher_of(self, patch_embed: torch.Tensor | None,
+                            prompt_embed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The teacher's ``(patch_embed, prompt_embed)`` for the grounded terms, checked: both or
+        neither, and only with ``grounded_teacher="ema"``."""
+        if (patch_embed is None) != (prompt_embed is None):
+            raise ValueError("teacher_patch_embed and teacher_prompt_embed go together")
+        if patch_embed is None:
+            return None
+        if self.grounded_teacher == "self":
+            raise ValueError("teacher embeddings given to an objective with grounded_teacher='self'")
+        return patch_embed.detach(), prompt_embed.detach()
+
     def _grounded(self, out, patch_embed, seg_embed, assign, prompt_embed, prompt_mask, prompt_keys, prompt_heads,
-                  scale) -> torch.Tensor:
+                  scale, teacher=None) -> torch.Tensor:
         """The grounded terms (segments and/or patches), each logged in ``out``; their weighted sum."""
         need = {"patch_embed": patch_embed, "prompt_embed": prompt_embed, "prompt_mask": prompt_mask}
         if self.grounded_seg_weight > 0:
@@ -381,9 +406,10 @@ class ContrastiveObjective(nn.Module):
         total = patch_embed.new_zeros(())
         if self.grounded_seg_weight > 0:
             out["grounded"] = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask, scale,
-                                                scope=self.grounded_seg_scope, prompt_ids=ids)
+                                                scope=self.grounded_seg_scope, prompt_ids=ids, teacher=teacher)
             total = total + self.grounded_seg_weight * out["grounded"]
-        if self.grounded_patch_weight > 0:
+        # with an EMA teacher, the patch term waits for it (self-taught patches collapse: LOG session 12)
+        if self.grounded_patch_weight > 0 and (teacher is not None or self.grounded_teacher == "self"):
             teach_on = None
             if self.grounded_patch_on == "phrases":  # a phrase's key differs from its head noun's
                 if prompt_keys is None or prompt_heads is None:
@@ -393,7 +419,8 @@ class ContrastiveObjective(nn.Module):
                 teach_on = teach_on.to(prompt_mask.device) & prompt_mask
             out["grounded_patch"] = grounded_patch_loss(patch_embed, prompt_embed, prompt_mask, scale,
                                                         scope=self.grounded_seg_scope, prompt_ids=ids,
-                                                        teach_on=teach_on, threshold=self.grounded_patch_threshold)
+                                                        teach_on=teach_on, threshold=self.grounded_patch_threshold,
+                                                        teacher=teacher)
             total = total + self.grounded_patch_weight * out["grounded_patch"]
         return total
 

@@ -2,6 +2,7 @@
 the registry of named models (Table 6 rows)."""
 
 from .attention import Attention, Block, CrossAttention, CrossAttnBlock, DropPath, Mlp, QuickGELU
+from .ema import ModelEma
 from .grouping import AssignAttention, GroupingBlock, TokenMlp
 from .groupvit import (
     IMAGE_POOLS,
@@ -23,6 +24,7 @@ from .weights import load_hf_groupvit, load_nvlabs_groupvit
 
 __all__ = [
     "MixedPatchMixer",
+    "ModelEma",
     "MixReorg",
     "MixReorgConfig",
     "mix_images",

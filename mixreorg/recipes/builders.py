@@ -30,6 +30,7 @@ def build_objective(cfg: PretrainConfig) -> ContrastiveObjective:
         grounded_patch_weight=o.grounded_patch_weight,
         grounded_patch_on=o.grounded_patch_on,
         grounded_patch_threshold=o.grounded_patch_threshold,
+        grounded_teacher=o.grounded_teacher,
         patch_mean_weight=o.patch_mean_weight,
         bias_init=o.bias_init,
         ml_bias_init=o.ml_bias_init,

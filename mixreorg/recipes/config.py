@@ -153,6 +153,9 @@ class ObjectiveConfig:
     grounded_patch_weight: float = 0.0  # [R] the same labels on the patch tokens (scope batch or noun)
     grounded_patch_on: str = "all"  # [R] "all" | "phrases": which prompts may teach a patch
     grounded_patch_threshold: float = 0.0  # [R] > 0: only confident patches, hard labels
+    grounded_teacher: str = "self"  # [R] "self" | "ema": who labels the patches (an EMA copy: not the student)
+    grounded_teacher_start: int = 0  # [R] "ema": the step the copy is taken (the patch term waits for it)
+    grounded_teacher_momentum: float = 0.999  # [R] "ema": the average's momentum (1: frozen at the start step)
     patch_label_tokens: str = "stage1"  # which patches: "stage1" (after its blocks) | "embed" (before any)
     bias_init: float = -10.0
     ml_bias_init: float | None = None
@@ -332,6 +335,19 @@ class PretrainConfig:
         if self.objective.grounded_patch_on not in ("all", "phrases"):
             problems.append(
                 f"objective.grounded_patch_on must be all|phrases, got {self.objective.grounded_patch_on!r}"
+            )
+        if self.objective.grounded_teacher not in ("self", "ema"):
+            problems.append(f"objective.grounded_teacher must be self|ema, got {self.objective.grounded_teacher!r}")
+        elif self.objective.grounded_teacher == "ema" and self.model.name not in ("groupvit", "groupvit_plus"):
+            problems.append("objective.grounded_teacher=ema is built for --model groupvit|groupvit_plus only, got "
+                            f"{self.model.name!r}")
+        if not isinstance(self.objective.grounded_teacher_start, int) or self.objective.grounded_teacher_start < 0:
+            problems.append(
+                f"objective.grounded_teacher_start must be an integer >= 0, got {self.objective.grounded_teacher_start!r}"
+            )
+        if not 0.0 <= self.objective.grounded_teacher_momentum <= 1.0:
+            problems.append(
+                f"objective.grounded_teacher_momentum must be in [0, 1], got {self.objective.grounded_teacher_momentum!r}"
             )
         if not 0.0 <= self.objective.grounded_patch_threshold < 1.0:
             problems.append(

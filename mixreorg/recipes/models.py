@@ -29,10 +29,12 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from mixreorg.data.synthshapes import SynthShapes
 from mixreorg.losses import ContrastiveObjective
+from mixreorg.nn.ema import ModelEma
 from mixreorg.nn.groupvit import GroupViT, compose_assignments
 from mixreorg.nn.presets import TABLE6_ROWS
 from mixreorg.nn.supervised import SupervisedSegmenter
@@ -66,13 +68,22 @@ class GroupViTPretrainer(nn.Module):
     the rest of the image, only their trunk's receptive field).
     """
 
-    def __init__(self, groupvit: GroupViT, objective: ContrastiveObjective, patch_tokens: str = "stage1") -> None:
+    def __init__(self, groupvit: GroupViT, objective: ContrastiveObjective, patch_tokens: str = "stage1",
+                 teacher_start: int = 0, teacher_momentum: float = 0.999) -> None:
         super().__init__()
         if patch_tokens not in PATCH_LABEL_TOKENS:
             raise ValueError(f"patch_tokens must be one of {PATCH_LABEL_TOKENS}, got {patch_tokens!r}")
+        if teacher_start < 0:
+            raise ValueError(f"teacher_start must be >= 0, got {teacher_start!r}")
         self.groupvit = groupvit
         self.objective = objective
         self.patch_tokens = patch_tokens
+        # the grounded terms' EMA teacher (objective.grounded_teacher="ema"), copied at teacher_start
+        self.teacher = (ModelEma(groupvit, teacher_momentum) if getattr(objective, "grounded_teacher", "self") == "ema"
+                        else None)
+        self.teacher_start = int(teacher_start)
+        if self.teacher is not None:  # training calls so far, saved with the teacher (exact resume)
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def inference_model(self) -> nn.Module:
         """The model zero-shot evaluation uses (the backbone itself)."""
@@ -80,6 +91,27 @@ class GroupViTPretrainer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"groupvit.vision.{n}" for n in self.groupvit.vision.no_weight_decay()}
+
+    @torch.no_grad()
+    def _teacher_embeddings(self, images: torch.Tensor, prompts: torch.Tensor) -> tuple | None:
+        """This step's EMA teacher: ``(patch_embed [B, L, D], prompt_embed [B, K, D])``, or None
+        before ``teacher_start``. Steps the average first (towards the weights the last update made)."""
+        if self.teacher is None or not self.training:
+            return None
+        step = int(self.steps)
+        self.steps += 1
+        if step < self.teacher_start:
+            return None
+        if step == self.teacher_start:
+            self.teacher.copy_from(self.groupvit)
+        else:
+            self.teacher.update(self.groupvit)
+        t = self.teacher.module
+        enc = t.vision
+        x0, _ = enc.embed_with_skip(images)
+        x, _ = enc.stages[0].forward_blocks(x0, enc.stages[0].init_group_tokens(x0.shape[0]))
+        tokens = x if self.patch_tokens == "stage1" else x0
+        return t.project_patches(tokens), t.encode_text(prompts)
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         gv = self.groupvit
@@ -97,6 +129,7 @@ class GroupViTPretrainer(nn.Module):
         text_embed = gv.encode_text(text)  # [B, D]
         prompt_embed = gv.encode_text(prompts) if use_prompts else None  # [B, K, D]
         ml_scale = gv.multi_label_logit_scale if gv.multi_label_logit_scale is not None else gv.logit_scale
+        teacher = self._teacher_embeddings(images, prompts) if use_prompts else None
         return self.objective(
             vis["image_embed"],
             text_embed,
@@ -111,6 +144,8 @@ class GroupViTPretrainer(nn.Module):
             assign=compose_assignments(vis["hard_maps"]) if needs_seg else None,  # [B, S, N] straight-through
             prompt_mask=batch.get("prompt_mask"),
             prompt_heads=batch.get("prompt_heads"),
+            teacher_patch_embed=None if teacher is None else teacher[0],
+            teacher_prompt_embed=None if teacher is None else teacher[1],
         )
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +154,9 @@ class GroupViTPretrainer(nn.Module):
 
 
 def _build_groupvit_trainer(cfg: PretrainConfig) -> nn.Module:
-    return GroupViTPretrainer(build_groupvit(cfg), build_objective(cfg), cfg.objective.patch_label_tokens)
+    o = cfg.objective
+    return GroupViTPretrainer(build_groupvit(cfg), build_objective(cfg), o.patch_label_tokens,
+                              teacher_start=o.grounded_teacher_start, teacher_momentum=o.grounded_teacher_momentum)
 
 
 def _build_groupvit_plus_trainer(cfg: PretrainConfig) -> nn.Module:
