@@ -65,7 +65,8 @@ def _batch(seed, b=3, h=2, k=4, d=8, s=3):
 def test_a_teacher_equal_to_the_student_changes_nothing_and_another_changes_the_labels(seed):
     patch, seg, assign, prompts, mask, ids, src, t_patch, t_prompts = _batch(seed)
     terms = {
-        "seg": lambda **kw: grounded_seg_loss(patch, seg, assign, prompts, mask, 3.0, scope="noun", prompt_ids=ids, **kw),
+        "seg": lambda **kw: grounded_seg_loss(patch, seg, assign, prompts, mask, 3.0, scope="noun", prompt_ids=ids,
+                                              **kw),
         "patch": lambda **kw: grounded_patch_loss(patch, prompts, mask, 3.0, scope="noun", prompt_ids=ids, **kw),
         "mixed": lambda **kw: grounded_mixed_loss(patch, seg, assign, src, prompts, mask, 3.0, scope="noun",
                                                   prompt_ids=ids, **kw),
@@ -85,12 +86,13 @@ def test_the_teacher_gets_no_gradient_and_frees_the_image_scope():
     loss.backward()
     assert patch.grad.abs().sum() > 0 and t_patch.grad is None
     with pytest.raises(ValueError, match="shaped as the student"):
-        grounded_patch_loss(patch, prompts, mask, 3.0, scope="noun", prompt_ids=ids, teacher=(t_patch[:, :1], t_prompts))
+        grounded_patch_loss(patch, prompts, mask, 3.0, scope="noun", prompt_ids=ids,
+                            teacher=(t_patch[:, :1], t_prompts))
 
 
 def test_objective_waits_for_the_teacher_and_refuses_one_it_does_not_expect():
     patch, seg, assign, prompts, mask, ids, _, t_patch, t_prompts = _batch(1)
-    img, txt = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=-1), F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=-1)
+    img, txt = (F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=-1) for _ in range(2))
     kw = dict(logit_scale=torch.tensor(2.0), prompt_embed=prompts, patch_embed=patch, seg_embed=seg, assign=assign,
               prompt_mask=mask, prompt_keys=ids, prompt_heads=ids)
     ema = ContrastiveObjective(grounded_seg_weight=1.0, grounded_patch_weight=1.0, grounded_seg_scope="noun",
@@ -171,3 +173,60 @@ def test_config_names_bad_teacher_settings():
     assert "groupvit|groupvit_plus only" in problems("objective.grounded_teacher=ema", "model.name=mixreorg")
     assert "grounded_teacher_start must be" in problems("objective.grounded_teacher_start=-1")
     assert "grounded_teacher_momentum must be" in problems("objective.grounded_teacher_momentum=1.5")
+
+
+def _vocab_reference(patch, prompts, mask, vocab, ids, scale):
+    """The patch term with a restricted student vocabulary, one patch at a time in float64."""
+    b, length, _ = patch.shape
+    total, count = 0.0, 0
+    for i in range(b):
+        own = [j for j in range(prompts.shape[1]) if mask[i, j]]
+        if len(own) < 2:
+            continue
+        every = [(a, j) for a in range(b) for j in range(prompts.shape[1]) if mask[a, j] and vocab[a, j]]
+        acc = 0.0
+        if not every:  # no student prompt: nothing is taught, the image still counts (zero)
+            total, count = total, count + 1
+            continue
+        for p in range(length):
+            target = torch.softmax(torch.stack([scale * patch[i, p] @ prompts[i, j] for j in own]), 0)
+            logp = torch.log_softmax(torch.stack([scale * patch[i, p] @ prompts[a, j] for a, j in every]), 0)
+            for t, j in zip(target, own):
+                same = [m for m, (a, jj) in enumerate(every) if ids[a, jj] == ids[i, j]]
+                if same:
+                    acc += -(t * logp[same]).sum() / len(same)
+        total += acc / length
+        count += 1
+    return torch.as_tensor(total / max(count, 1), dtype=torch.float64)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 3), k=st.integers(2, 5))
+def test_a_restricted_vocabulary_matches_the_loop_reference(seed, b, k):
+    patch, _, _, prompts, mask, ids, _, _, _ = _batch(seed, b=b, k=k)
+    gen = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(b, k, generator=gen) < 0.8
+    vocab = torch.rand(b, k, generator=gen) < 0.5
+    got = grounded_patch_loss(patch, prompts, mask, 2.5, scope="noun", prompt_ids=ids, vocab_mask=vocab)
+    # the students' logits are float32 (also for float64 inputs)
+    torch.testing.assert_close(got.double(), _vocab_reference(patch, prompts, mask, vocab, ids, 2.5),
+                               rtol=1e-5, atol=1e-5)
+    every = torch.ones_like(mask)
+    assert torch.equal(grounded_patch_loss(patch, prompts, mask, 2.5, scope="noun", prompt_ids=ids, vocab_mask=every),
+                       grounded_patch_loss(patch, prompts, mask, 2.5, scope="noun", prompt_ids=ids))
+
+
+def test_vocabulary_of_bare_nouns_from_the_objective_and_its_errors():
+    patch, seg, assign, prompts, mask, ids, _, _, _ = _batch(2)
+    with pytest.raises(ValueError, match="vocab_mask needs scope"):
+        grounded_seg_loss(patch, seg, assign, prompts, mask, 3.0, vocab_mask=mask)
+    with pytest.raises(ValueError, match="vocab_mask must be a bool"):
+        grounded_seg_loss(patch, seg, assign, prompts, mask, 3.0, scope="noun", prompt_ids=ids, vocab_mask=mask[:, :1])
+    with pytest.raises(ValueError, match="needs grounded_seg_scope='noun'"):
+        ContrastiveObjective(grounded_seg_weight=1.0, grounded_seg_scope="batch", grounded_vocab="nouns")
+    objective = ContrastiveObjective(grounded_seg_weight=1.0, grounded_seg_scope="noun", grounded_vocab="nouns")
+    keys = torch.tensor([[5, 7, 9], [7, 8, 5]])
+    heads = torch.tensor([[5, 5, 9], [7, 9, 5]])  # (0, 1) and (1, 1) are phrases of nouns 5 and 9
+    full = torch.ones(2, 3, dtype=torch.bool)
+    assert objective.grounded_vocab_mask(keys, heads, full).tolist() == [[True, False, True], [True, False, True]]
+    assert ContrastiveObjective().grounded_vocab_mask(keys, heads, full) is None

@@ -4,7 +4,10 @@ the training seed), each stage-1 patch's label over its image's own noun prompts
 that covers most of the patch. Reported on thing patches (the object's shape) and stuff patches,
 and only over patches whose class the caption names (the teacher cannot name the others).
 
-    python docs/investigation/teacher_acc.py RUN_FOLDER [batches]
+    python docs/investigation/teacher_acc.py RUN_FOLDER [batches] [--ema]
+
+``--ema``: score the run's EMA teacher (``objective.grounded_teacher=ema``, the ``teacher.module``
+weights of its last checkpoint) instead of the trained model.
 """
 import sys
 from collections import Counter
@@ -17,9 +20,21 @@ from mixreorg.data.synthshapes import SynthShapes, SynthShapesStream
 from mixreorg.recipes.data import BatchBuilder
 from mixreorg.recipes.loading import load_inference_model
 
-model, _, cfg = load_inference_model(sys.argv[1], with_config=True)
+ema = "--ema" in sys.argv
+args = [a for a in sys.argv[1:] if a != "--ema"]
+model, _, cfg = load_inference_model(args[0], with_config=True)
+if ema:
+    from pathlib import Path
+
+    last = sorted((Path(args[0]) / "checkpoints").glob("ckpt-*.pt"))[-1]
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = state.get("model", state)
+    teacher = {k[len("teacher.module."):]: v for k, v in state.items() if k.startswith("teacher.module.")}
+    if not teacher:
+        raise SystemExit(f"{last} holds no EMA teacher (teacher.module.*)")
+    model.load_state_dict(teacher)
 model.eval()
-n_batches = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+n_batches = int(args[1]) if len(args) > 1 else 4
 stream = iter(SynthShapesStream(64, seed=1000, image_size=cfg.data.image_size))
 builder = BatchBuilder(cfg, context_length=cfg.model.text["context_length"])
 names = list(SynthShapes.CLASS_NAMES)

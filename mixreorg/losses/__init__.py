@@ -19,7 +19,13 @@ from mixreorg.losses.contrastive import (
     text_ids,
 )
 from mixreorg.losses.mixreorg import MixedSegmentationLoss, MixReorgLoss, canonical_caption_index
-from mixreorg.losses.objective import GROUNDED_TEACHERS, MULTI_LABEL_POOLS, ContrastiveObjective, label_key_ids
+from mixreorg.losses.objective import (
+    GROUNDED_TEACHERS,
+    GROUNDED_VOCABS,
+    MULTI_LABEL_POOLS,
+    ContrastiveObjective,
+    label_key_ids,
+)
 
 __all__ = [
     "ContrastiveObjective",
@@ -31,6 +37,7 @@ __all__ = [
     "MAX_LOGIT_SCALE",
     "MULTI_LABEL_POOLS",
     "GROUNDED_TEACHERS",
+    "GROUNDED_VOCABS",
     "caption_loss",
     "prompt_loss",
     "canonical_caption_index",

@@ -99,6 +99,7 @@ def grounded_seg_loss(
     scope: str = "image",
     prompt_ids: torch.Tensor | None = None,
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    vocab_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft cross-entropy, per grouped position, from the teacher's labels to the segments'.
 
@@ -122,6 +123,11 @@ def grounded_seg_loss(
         teacher: ``(patch_embed [B, L, D], prompt_embed [B, K, D])`` of another model (e.g. an EMA
             copy, :class:`mixreorg.nn.ModelEma`) that labels the patches instead of ``patch_embed``
             and ``prompt_embed``, which then only score the students.
+        vocab_mask: ``[B, K]`` bool (``batch`` / ``noun`` scope): the prompts the students are told
+            apart from, and the only ones that receive the teacher's mass (default: every noun
+            prompt). The bare nouns' prompts ("circle", not "red circle") make the student's choice
+            the one zero-shot inference makes, over nouns; with every prompt, a red circle's patch is
+            also asked to match "blue circle" while the prompt losses ask it not to.
 
     Images with fewer than two noun prompts tell nothing apart and count zero; the mean is over
     the images that do (0 with a zero gradient when none does). Under ``torch.distributed`` the
@@ -129,10 +135,12 @@ def grounded_seg_loss(
     """
     _check(patch_embed, seg_embed, assign, prompt_embed, prompt_mask)
     _check_scope(scope, prompt_ids, prompt_mask)
+    vocab = _vocab(vocab_mask, prompt_mask, scope)
     h, big = _grids(patch_embed, assign)
     target = _to_grouped_grid(_teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher), h, big)  # [B, N, K]
     pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]: each position's segment
-    return _image_mean(_student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids), prompt_mask)
+    return _image_mean(_student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids, vocab),
+                       prompt_mask)
 
 
 def grounded_patch_loss(
@@ -146,6 +154,7 @@ def grounded_patch_loss(
     teach_on: torch.Tensor | None = None,
     threshold: float = 0.0,
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    vocab_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The grounded label on the patch tokens themselves: deep supervision of what the grouping assigns.
 
@@ -191,14 +200,15 @@ def grounded_patch_loss(
         raise ValueError("grounded_patch_loss: scope='image' makes every patch its own teacher (zero gradient); "
                          "use 'batch' or 'noun', or pass a teacher")
     _check_scope(scope, prompt_ids, prompt_mask)
+    vocab = _vocab(vocab_mask, prompt_mask, scope)
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
     if teach_on is not None and (teach_on.shape != prompt_mask.shape or teach_on.dtype != torch.bool):
         raise ValueError(f"teach_on must be a bool [B={b}, K={k}], got {teach_on.dtype} {tuple(teach_on.shape)}")
     target = _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher)  # [B, L, K]
     if teach_on is None and threshold == 0.0:
-        return _image_mean(_student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids),
-                           prompt_mask)
+        per_pos = _student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids, vocab)
+        return _image_mean(per_pos, prompt_mask)
     with torch.no_grad():
         prob, best = target.max(-1)  # [B, L]
         taught = prob > threshold
@@ -206,7 +216,7 @@ def grounded_patch_loss(
             taught &= torch.gather(teach_on.to(best.device), 1, best)
         taught &= (prompt_mask.sum(-1) >= 2).to(best.device)[:, None]
         target = F.one_hot(best, k).to(target.dtype) * taught[..., None]  # [B, L, K]
-    per_pos = _student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids)  # [B, L]
+    per_pos = _student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids, vocab)  # [B, L]
     return (per_pos * taught).sum() / taught.sum().clamp_min(1)
 
 
@@ -234,7 +244,20 @@ def _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher=None) -> tor
     return teach.masked_fill(~mask, _MASKED).softmax(-1) * mask
 
 
-def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids) -> torch.Tensor:
+def _vocab(vocab_mask: torch.Tensor | None, prompt_mask: torch.Tensor, scope: str) -> torch.Tensor:
+    """The students' prompts: ``vocab_mask & prompt_mask`` (default ``prompt_mask``), checked."""
+    if vocab_mask is None:
+        return prompt_mask
+    if scope == "image":
+        raise ValueError("vocab_mask needs scope 'batch' or 'noun' (in the image scope a student's prompts are "
+                         "its own image's, each its own teacher's class)")
+    if vocab_mask.shape != prompt_mask.shape or vocab_mask.dtype != torch.bool:
+        raise ValueError(f"vocab_mask must be a bool {tuple(prompt_mask.shape)}, got {vocab_mask.dtype} "
+                         f"{tuple(vocab_mask.shape)}")
+    return vocab_mask.to(prompt_mask.device) & prompt_mask
+
+
+def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids, vocab=None) -> torch.Tensor:
     """``[B, N]`` soft cross-entropy from ``target [B, N, K]`` to each student of ``pos [B, N, D]``."""
     b, k = prompt_mask.shape
     if scope == "image":
@@ -242,9 +265,10 @@ def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_i
         logits = torch.einsum("bnd,bkd->bnk", pos.float(), prompt_embed.float()) * scale
         logp = logits.masked_fill(~mask, _MASKED).log_softmax(-1)
     else:
-        logp = _vocab_logp(pos, prompt_embed, prompt_mask, scale)  # [B, N, B*K]
+        vocab = prompt_mask if vocab is None else vocab
+        logp = _vocab_logp(pos, prompt_embed, vocab, scale)  # [B, N, B*K]
         with torch.no_grad():
-            spread = _share_by_id(prompt_ids.to(pos.device), prompt_mask.to(pos.device)).view(b, k, b * k)
+            spread = _share_by_id(prompt_ids.to(pos.device), vocab.to(pos.device)).view(b, k, b * k)
             target = torch.einsum("bnk,bkm->bnm", target, spread)  # [B, N, B*K]
     return -(target * logp).sum(-1)  # [B, N]
 
@@ -267,6 +291,7 @@ def grounded_mixed_loss(
     scope: str = "noun",
     prompt_ids: torch.Tensor | None = None,
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    vocab_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The grounded term on MixReorg's MIXED images: each mixed position is named by the teacher's label
     of the original patch it came from.
@@ -285,7 +310,7 @@ def grounded_mixed_loss(
             map (``N = H x H``, ``H`` a multiple of ``h``).
         src: ``[B, L]`` the batch row each mixed patch was read from (``MixPlan.src``); patches keep
             their position.
-        prompt_embed, prompt_mask, scale, scope, prompt_ids, teacher: as :func:`grounded_seg_loss`;
+        prompt_embed, prompt_mask, scale, scope, prompt_ids, teacher, vocab_mask: as :func:`grounded_seg_loss`;
             ``scope`` ``"batch"`` or ``"noun"`` (a mixed image has no caption of its own).
 
     The mean is over the mixed positions whose source names at least two nouns (0 with a zero
@@ -296,6 +321,7 @@ def grounded_mixed_loss(
     if scope == "image":
         raise ValueError("grounded_mixed_loss: a mixed image has no prompts of its own; use scope 'batch' or 'noun'")
     _check_scope(scope, prompt_ids, prompt_mask)
+    vocab = _vocab(vocab_mask, prompt_mask, scope)
     b, length = patch_embed.shape[:2]
     k = prompt_mask.shape[1]
     if src.shape != (b, length) or src.dtype != torch.long:
@@ -308,10 +334,10 @@ def grounded_mixed_loss(
         flat = moved.new_zeros(b, length, b, k)
         flat.scatter_(2, src[:, :, None, None].expand(b, length, 1, k), moved[:, :, None, :])
         valid = (prompt_mask.to(src.device).sum(-1) >= 2)[src].float()  # [B, L] source names >= 2 nouns
-        target = flat.reshape(b, length, b * k) @ _share_by_id(prompt_ids.to(src.device), prompt_mask.to(src.device))
+        target = flat.reshape(b, length, b * k) @ _share_by_id(prompt_ids.to(src.device), vocab.to(src.device))
         target = _to_grouped_grid(target, h, big)  # [B, N, B*K]
         valid = _to_grouped_grid(valid[..., None], h, big)[..., 0]  # [B, N]
     pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]
-    logp = _vocab_logp(pos, prompt_embed, prompt_mask, scale)  # [B, N, B*K]
+    logp = _vocab_logp(pos, prompt_embed, vocab, scale)  # [B, N, B*K]
     per_pos = -(target * logp).sum(-1)  # [B, N]
     return (per_pos * valid).sum() / valid.sum().clamp_min(1)

@@ -186,6 +186,7 @@ class MixReorgLoss(nn.Module):
                                out["text_embed"])
         term = grounded_mixed_loss(patches, out["mixed"]["seg_embed"], out["mixed"]["assign"], out["plan"].src,
                                    out["prompt_embed"], mask, ml, scope=self.contrastive.grounded_seg_scope,
-                                   prompt_ids=ids)
+                                   prompt_ids=ids, vocab_mask=self.contrastive.grounded_vocab_mask(
+                                       kw.get("prompt_keys"), kw.get("prompt_heads"), mask))
         logs["mixed/grounded"] = term
         return term

@@ -48,6 +48,11 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
   ``teacher_prompt_embed`` the trainer passes (an EMA copy of the model, :class:`mixreorg.nn.ModelEma`);
   then the patch term waits until a teacher is passed (the segment term uses the student's own
   labels until then).
+* ``grounded_vocab`` (default ``"prompts"``) [R]: what the grounded terms' students are told apart
+  from: every noun prompt of the batch, or (``"nouns"``, with ``grounded_seg_scope="noun"``) the bare
+  nouns' prompts only, each taking the teacher's mass of every prompt with its head noun: the
+  choice zero-shot inference makes ("circle" among nouns), without asking a red circle to match
+  "blue circle".
 * ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
   of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
   image ``i``'s label keys (default: the keys of its own prompts).
@@ -83,6 +88,7 @@ __all__ = ["ContrastiveObjective", "GROUNDED_TEACHERS", "MULTI_LABEL_POOLS", "la
 
 MULTI_LABEL_POOLS = ("image", "max_segment")
 GROUNDED_TEACHERS = ("self", "ema")  # who labels the patches for the grounded terms
+GROUNDED_VOCABS = ("prompts", "nouns")  # what the grounded terms' students are told apart from
 
 
 @torch.compiler.disable
@@ -196,6 +202,7 @@ class ContrastiveObjective(nn.Module):
         grounded_patch_on: str = "all",
         grounded_patch_threshold: float = 0.0,
         grounded_teacher: str = "self",
+        grounded_vocab: str = "prompts",
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -242,6 +249,12 @@ class ContrastiveObjective(nn.Module):
         if grounded_teacher not in GROUNDED_TEACHERS:
             raise ValueError(f"grounded_teacher must be one of {GROUNDED_TEACHERS}, got {grounded_teacher!r}")
         self.grounded_teacher = grounded_teacher
+        if grounded_vocab not in GROUNDED_VOCABS:
+            raise ValueError(f"grounded_vocab must be one of {GROUNDED_VOCABS}, got {grounded_vocab!r}")
+        if grounded_vocab == "nouns" and grounded_seg_scope != "noun":
+            raise ValueError("grounded_vocab='nouns' needs grounded_seg_scope='noun' (a phrase's mass goes to its "
+                             "head noun's prompts)")
+        self.grounded_vocab = grounded_vocab
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -381,6 +394,17 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"grounded_seg_scope={self.grounded_seg_scope!r} needs {name}")
         return _ids(which, name, tuple(prompt_mask.shape))
 
+    def grounded_vocab_mask(self, prompt_keys, prompt_heads, prompt_mask: torch.Tensor) -> torch.Tensor | None:
+        """``[B, K]`` bool: the prompts the grounded terms' students choose among (``grounded_vocab``
+        ``"nouns"``: the bare nouns' prompts, whose key is their head noun), or None (every noun prompt)."""
+        if self.grounded_vocab == "prompts":
+            return None
+        if prompt_keys is None or prompt_heads is None:
+            raise ValueError("grounded_vocab='nouns' needs prompt_keys and prompt_heads")
+        shape = tuple(prompt_mask.shape)
+        bare = _ids(prompt_keys, "prompt_keys", shape) == _ids(prompt_heads, "prompt_heads", shape)
+        return bare.to(prompt_mask.device) & prompt_mask
+
     def grounded_teacher_of(self, patch_embed: torch.Tensor | None,
                             prompt_embed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The teacher's ``(patch_embed, prompt_embed)`` for the grounded terms, checked: both or
@@ -403,10 +427,12 @@ class ContrastiveObjective(nn.Module):
         if missing:
             raise ValueError(f"the grounded terms need {', '.join(need)}; missing: {', '.join(missing)}")
         ids = self.grounded_prompt_ids(prompt_keys, prompt_heads, prompt_mask)
+        vocab = self.grounded_vocab_mask(prompt_keys, prompt_heads, prompt_mask)
         total = patch_embed.new_zeros(())
         if self.grounded_seg_weight > 0:
             out["grounded"] = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask, scale,
-                                                scope=self.grounded_seg_scope, prompt_ids=ids, teacher=teacher)
+                                                scope=self.grounded_seg_scope, prompt_ids=ids, teacher=teacher,
+                                                vocab_mask=vocab)
             total = total + self.grounded_seg_weight * out["grounded"]
         # with an EMA teacher, the patch term waits for it (self-taught patches collapse: LOG session 12)
         if self.grounded_patch_weight > 0 and (teacher is not None or self.grounded_teacher == "self"):
@@ -420,7 +446,7 @@ class ContrastiveObjective(nn.Module):
             out["grounded_patch"] = grounded_patch_loss(patch_embed, prompt_embed, prompt_mask, scale,
                                                         scope=self.grounded_seg_scope, prompt_ids=ids,
                                                         teach_on=teach_on, threshold=self.grounded_patch_threshold,
-                                                        teacher=teacher)
+                                                        teacher=teacher, vocab_mask=vocab)
             total = total + self.grounded_patch_weight * out["grounded_patch"]
         return total
 

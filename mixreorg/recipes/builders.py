@@ -31,6 +31,7 @@ def build_objective(cfg: PretrainConfig) -> ContrastiveObjective:
         grounded_patch_on=o.grounded_patch_on,
         grounded_patch_threshold=o.grounded_patch_threshold,
         grounded_teacher=o.grounded_teacher,
+        grounded_vocab=o.grounded_vocab,
         patch_mean_weight=o.patch_mean_weight,
         bias_init=o.bias_init,
         ml_bias_init=o.ml_bias_init,

@@ -156,6 +156,7 @@ class ObjectiveConfig:
     grounded_teacher: str = "self"  # [R] "self" | "ema": who labels the patches (an EMA copy: not the student)
     grounded_teacher_start: int = 0  # [R] "ema": the step the copy is taken (the patch term waits for it)
     grounded_teacher_momentum: float = 0.999  # [R] "ema": the average's momentum (1: frozen at the start step)
+    grounded_vocab: str = "prompts"  # [R] "prompts" | "nouns": the grounded students choose among bare nouns
     patch_label_tokens: str = "stage1"  # which patches: "stage1" (after its blocks) | "embed" (before any)
     bias_init: float = -10.0
     ml_bias_init: float | None = None
@@ -341,14 +342,15 @@ class PretrainConfig:
         elif self.objective.grounded_teacher == "ema" and self.model.name not in ("groupvit", "groupvit_plus"):
             problems.append("objective.grounded_teacher=ema is built for --model groupvit|groupvit_plus only, got "
                             f"{self.model.name!r}")
-        if not isinstance(self.objective.grounded_teacher_start, int) or self.objective.grounded_teacher_start < 0:
-            problems.append(
-                f"objective.grounded_teacher_start must be an integer >= 0, got {self.objective.grounded_teacher_start!r}"
-            )
-        if not 0.0 <= self.objective.grounded_teacher_momentum <= 1.0:
-            problems.append(
-                f"objective.grounded_teacher_momentum must be in [0, 1], got {self.objective.grounded_teacher_momentum!r}"
-            )
+        start, momentum = self.objective.grounded_teacher_start, self.objective.grounded_teacher_momentum
+        if not isinstance(start, int) or start < 0:
+            problems.append(f"objective.grounded_teacher_start must be an integer >= 0, got {start!r}")
+        if not 0.0 <= momentum <= 1.0:
+            problems.append(f"objective.grounded_teacher_momentum must be in [0, 1], got {momentum!r}")
+        if self.objective.grounded_vocab not in ("prompts", "nouns"):
+            problems.append(f"objective.grounded_vocab must be prompts|nouns, got {self.objective.grounded_vocab!r}")
+        elif self.objective.grounded_vocab == "nouns" and self.objective.grounded_seg_scope != "noun":
+            problems.append("objective.grounded_vocab=nouns needs objective.grounded_seg_scope=noun")
         if not 0.0 <= self.objective.grounded_patch_threshold < 1.0:
             problems.append(
                 f"objective.grounded_patch_threshold must be in [0, 1), got {self.objective.grounded_patch_threshold!r}"
