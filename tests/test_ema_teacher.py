@@ -169,7 +169,7 @@ def test_config_names_bad_teacher_settings():
             apply_overrides(get_preset("tiny_grounded"), list(sets)).validate()
         return str(info.value)
 
-    assert "must be self|ema" in problems("objective.grounded_teacher=mean")
+    assert "must be self|ema|oracle" in problems("objective.grounded_teacher=mean")
     assert "groupvit|groupvit_plus only" in problems("objective.grounded_teacher=ema", "model.name=mixreorg")
     assert "grounded_teacher_start must be" in problems("objective.grounded_teacher_start=-1")
     assert "grounded_teacher_momentum must be" in problems("objective.grounded_teacher_momentum=1.5")
@@ -230,3 +230,32 @@ def test_vocabulary_of_bare_nouns_from_the_objective_and_its_errors():
     full = torch.ones(2, 3, dtype=torch.bool)
     assert objective.grounded_vocab_mask(keys, heads, full).tolist() == [[True, False, True], [True, False, True]]
     assert ContrastiveObjective().grounded_vocab_mask(keys, heads, full) is None
+
+
+def test_oracle_labels_name_each_patch_by_the_prompts_of_its_majority_class():
+    """The diagnostic teacher on a real batch: a patch's label sits on the prompts whose head noun
+    is the class covering most of it, and it is zero where the caption does not name that class."""
+    from mixreorg.data.synthshapes import SynthShapes, SynthShapesStream
+    from mixreorg.recipes.data import BatchBuilder
+
+    cfg, model = _trainer("objective.grounded_teacher=oracle")
+    assert model.needs_masks and model.teacher is None
+    raw = next(iter(SynthShapesStream(8, seed=0, image_size=64)))
+    batch = BatchBuilder(cfg, context_length=cfg.model.text["context_length"], with_masks=True)(raw, step=0)
+    labels = model.oracle_labels(batch, 8)  # [B, 64, K]
+    names = list(SynthShapes.CLASS_NAMES)
+    heads = batch["keys"]["prompt_head"]
+    for i in range(8):
+        for patch in range(64):
+            r, c = divmod(patch, 8)
+            block = raw["mask"][i, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8].flatten()
+            major = names[int(torch.bincount(block, minlength=len(names)).argmax())]
+            named = [k for k, h in enumerate(heads[i]) if h == major and batch["prompt_mask"][i, k]]
+            want = torch.zeros(len(heads[i]))
+            want[named] = 1.0 / max(len(named), 1)
+            torch.testing.assert_close(labels[i, patch], want)
+    assert labels.sum() > 0
+    out = model.training_losses(batch)
+    assert out["grounded_patch"] > 0 and out["grounded"] > 0
+    with pytest.raises(ValueError, match="needs the batch's masks"):
+        model.oracle_labels({k: v for k, v in batch.items() if k != "masks"}, 8)

@@ -122,7 +122,8 @@ def grounded_seg_loss(
             localises, the noun labels.
         teacher: ``(patch_embed [B, L, D], prompt_embed [B, K, D])`` of another model (e.g. an EMA
             copy, :class:`mixreorg.nn.ModelEma`) that labels the patches instead of ``patch_embed``
-            and ``prompt_embed``, which then only score the students.
+            and ``prompt_embed``, which then only score the students; or the labels themselves,
+            ``[B, L, K]`` over each image's prompts (e.g. from masks: a diagnostic).
         vocab_mask: ``[B, K]`` bool (``batch`` / ``noun`` scope): the prompts the students are told
             apart from, and the only ones that receive the teacher's mass (default: every noun
             prompt). The bare nouns' prompts ("circle", not "red circle") make the student's choice
@@ -230,7 +231,13 @@ def _check_scope(scope: str, prompt_ids: torch.Tensor | None, prompt_mask: torch
 @torch.no_grad()
 def _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher=None) -> torch.Tensor:
     """``[B, L, K]`` each patch's softmax over its image's noun prompts (zero on the others), read
-    from ``teacher = (patch_embed, prompt_embed)`` of another model when given."""
+    from ``teacher = (patch_embed, prompt_embed)`` of another model when given, or ``teacher`` itself
+    when it is that ``[B, L, K]`` label tensor."""
+    if isinstance(teacher, torch.Tensor):
+        want = (*patch_embed.shape[:2], prompt_embed.shape[1])
+        if teacher.shape != want:
+            raise ValueError(f"teacher labels must be [B, L, K] = {list(want)}, got {tuple(teacher.shape)}")
+        return teacher.to(patch_embed.device, torch.float32) * prompt_mask.to(patch_embed.device)[:, None, :]
     if teacher is not None:
         t_patch, t_prompt = teacher
         if t_patch.shape != patch_embed.shape or t_prompt.shape != prompt_embed.shape:

@@ -47,7 +47,9 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
   student's own patch tokens (``"self"``), or (``"ema"``) the ``teacher_patch_embed`` /
   ``teacher_prompt_embed`` the trainer passes (an EMA copy of the model, :class:`mixreorg.nn.ModelEma`);
   then the patch term waits until a teacher is passed (the segment term uses the student's own
-  labels until then).
+  labels until then). ``"oracle"`` (a diagnostic, SynthShapes only): ``teacher_labels [B, L, K]``,
+  each patch's class from the masks as the caption's prompts that name it; what the terms teach
+  with right labels.
 * ``grounded_vocab`` (default ``"prompts"``) [R]: what the grounded terms' students are told apart
   from: every noun prompt of the batch, or (``"nouns"``, with ``grounded_seg_scope="noun"``) the bare
   nouns' prompts only, each taking the teacher's mass of every prompt with its head noun: the
@@ -87,7 +89,7 @@ from .grounded import GROUNDED_PATCH_ON, GROUNDED_SCOPES, grounded_patch_loss, g
 __all__ = ["ContrastiveObjective", "GROUNDED_TEACHERS", "MULTI_LABEL_POOLS", "label_key_ids"]
 
 MULTI_LABEL_POOLS = ("image", "max_segment")
-GROUNDED_TEACHERS = ("self", "ema")  # who labels the patches for the grounded terms
+GROUNDED_TEACHERS = ("self", "ema", "oracle")  # who labels the patches for the grounded terms
 GROUNDED_VOCABS = ("prompts", "nouns")  # what the grounded terms' students are told apart from
 
 
@@ -331,6 +333,7 @@ class ContrastiveObjective(nn.Module):
         prompt_heads: Sequence[Sequence[Hashable]] | torch.Tensor | None = None,
         teacher_patch_embed: torch.Tensor | None = None,
         teacher_prompt_embed: torch.Tensor | None = None,
+        teacher_labels: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         check_pair(image_embed, text_embed)
         batch, dim = image_embed.shape
@@ -375,7 +378,8 @@ class ContrastiveObjective(nn.Module):
             loss = loss + self._grounded(out, patch_embed, seg_embed, assign, prompt_embed, prompt_mask,
                                          prompt_keys, prompt_heads,
                                          logit_scale_value(ml_log_scale, self.max_logit_scale, image_embed),
-                                         self.grounded_teacher_of(teacher_patch_embed, teacher_prompt_embed))
+                                         self.grounded_teacher_of(teacher_patch_embed, teacher_prompt_embed,
+                                                                  teacher_labels))
         if self.prompt_uniformity_weight > 0:
             uni = self._prompt_uniformity(prompt_embed, prompt_keys)
             out["uniformity"] = uni
@@ -405,16 +409,21 @@ class ContrastiveObjective(nn.Module):
         bare = _ids(prompt_keys, "prompt_keys", shape) == _ids(prompt_heads, "prompt_heads", shape)
         return bare.to(prompt_mask.device) & prompt_mask
 
-    def grounded_teacher_of(self, patch_embed: torch.Tensor | None,
-                            prompt_embed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The teacher's ``(patch_embed, prompt_embed)`` for the grounded terms, checked: both or
-        neither, and only with ``grounded_teacher="ema"``."""
+    def grounded_teacher_of(self, patch_embed: torch.Tensor | None, prompt_embed: torch.Tensor | None,
+                            labels: torch.Tensor | None = None) -> tuple | torch.Tensor | None:
+        """The teacher of the grounded terms, checked: ``(patch_embed, prompt_embed)`` (both or
+        neither) with ``grounded_teacher="ema"``, ``labels [B, L, K]`` with ``"oracle"``."""
+        if labels is not None:
+            if self.grounded_teacher != "oracle" or patch_embed is not None or prompt_embed is not None:
+                raise ValueError("teacher_labels go alone, to an objective with grounded_teacher='oracle'")
+            return labels.detach()
         if (patch_embed is None) != (prompt_embed is None):
             raise ValueError("teacher_patch_embed and teacher_prompt_embed go together")
         if patch_embed is None:
             return None
-        if self.grounded_teacher == "self":
-            raise ValueError("teacher embeddings given to an objective with grounded_teacher='self'")
+        if self.grounded_teacher != "ema":
+            raise ValueError(
+                f"teacher embeddings given to an objective with grounded_teacher={self.grounded_teacher!r}")
         return patch_embed.detach(), prompt_embed.detach()
 
     def _grounded(self, out, patch_embed, seg_embed, assign, prompt_embed, prompt_mask, prompt_keys, prompt_heads,

@@ -153,7 +153,7 @@ class ObjectiveConfig:
     grounded_patch_weight: float = 0.0  # [R] the same labels on the patch tokens (scope batch or noun)
     grounded_patch_on: str = "all"  # [R] "all" | "phrases": which prompts may teach a patch
     grounded_patch_threshold: float = 0.0  # [R] > 0: only confident patches, hard labels
-    grounded_teacher: str = "self"  # [R] "self" | "ema": who labels the patches (an EMA copy: not the student)
+    grounded_teacher: str = "self"  # [R] "self" | "ema" (an EMA copy) | "oracle" (the masks: a diagnostic)
     grounded_teacher_start: int = 0  # [R] "ema": the step the copy is taken (the patch term waits for it)
     grounded_teacher_momentum: float = 0.999  # [R] "ema": the average's momentum (1: frozen at the start step)
     grounded_vocab: str = "prompts"  # [R] "prompts" | "nouns": the grounded students choose among bare nouns
@@ -337,10 +337,14 @@ class PretrainConfig:
             problems.append(
                 f"objective.grounded_patch_on must be all|phrases, got {self.objective.grounded_patch_on!r}"
             )
-        if self.objective.grounded_teacher not in ("self", "ema"):
-            problems.append(f"objective.grounded_teacher must be self|ema, got {self.objective.grounded_teacher!r}")
-        elif self.objective.grounded_teacher == "ema" and self.model.name not in ("groupvit", "groupvit_plus"):
-            problems.append("objective.grounded_teacher=ema is built for --model groupvit|groupvit_plus only, got "
+        if self.objective.grounded_teacher not in ("self", "ema", "oracle"):
+            problems.append(
+                f"objective.grounded_teacher must be self|ema|oracle, got {self.objective.grounded_teacher!r}")
+        elif self.objective.grounded_teacher == "oracle" and self.data.source != "synthshapes":
+            problems.append("objective.grounded_teacher=oracle reads SynthShapes' masks: needs data.source=synthshapes")
+        elif self.objective.grounded_teacher != "self" and self.model.name not in ("groupvit", "groupvit_plus"):
+            problems.append(f"objective.grounded_teacher={self.objective.grounded_teacher} is built for --model "
+                            "groupvit|groupvit_plus only, got "
                             f"{self.model.name!r}")
         start, momentum = self.objective.grounded_teacher_start, self.objective.grounded_teacher_momentum
         if not isinstance(start, int) or start < 0:

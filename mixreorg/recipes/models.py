@@ -30,10 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mixreorg.data.synthshapes import SynthShapes
-from mixreorg.losses import ContrastiveObjective
+from mixreorg.losses import ContrastiveObjective, keys_to_ids
 from mixreorg.nn.ema import ModelEma
 from mixreorg.nn.groupvit import GroupViT, compose_assignments
 from mixreorg.nn.presets import TABLE6_ROWS
@@ -92,6 +93,26 @@ class GroupViTPretrainer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"groupvit.vision.{n}" for n in self.groupvit.vision.no_weight_decay()}
 
+    @property
+    def needs_masks(self) -> bool:
+        """The oracle teacher (``objective.grounded_teacher=oracle``, a diagnostic) reads the masks."""
+        return getattr(self.objective, "grounded_teacher", "self") == "oracle"
+
+    @staticmethod
+    @torch.no_grad()
+    def oracle_labels(batch: dict[str, Any], side: int) -> torch.Tensor:
+        """``[B, side*side, K]``: each patch's majority class in ``batch["masks"]`` as the image's noun
+        prompts that name it (``prompt_heads``), shared equally; zero where the caption names none."""
+        masks, heads, mask = batch.get("masks"), batch.get("prompt_heads"), batch.get("prompt_mask")
+        if masks is None or heads is None or mask is None:
+            raise ValueError("the oracle teacher needs the batch's masks, prompt_heads and prompt_mask")
+        names = list(SynthShapes.CLASS_NAMES)
+        onehot = F.one_hot(masks.long(), len(names)).permute(0, 3, 1, 2).float()  # [B, C, H, W]
+        major = F.adaptive_avg_pool2d(onehot, side).flatten(2).argmax(1)  # [B, L] the class covering most
+        class_ids = keys_to_ids(names).to(heads.device)  # the same hashing as the prompts' head nouns
+        match = (heads[:, None, :] == class_ids[major][:, :, None]) & mask[:, None, :]  # [B, L, K]
+        return match.float() / match.sum(-1, keepdim=True).clamp_min(1)
+
     @torch.no_grad()
     def _teacher_embeddings(self, images: torch.Tensor, prompts: torch.Tensor) -> tuple | None:
         """This step's EMA teacher: ``(patch_embed [B, L, D], prompt_embed [B, K, D])``, or None
@@ -130,6 +151,10 @@ class GroupViTPretrainer(nn.Module):
         prompt_embed = gv.encode_text(prompts) if use_prompts else None  # [B, K, D]
         ml_scale = gv.multi_label_logit_scale if gv.multi_label_logit_scale is not None else gv.logit_scale
         teacher = self._teacher_embeddings(images, prompts) if use_prompts else None
+        labels = None
+        if self.needs_masks:
+            side = round(vis[f"{self.patch_tokens}_tokens"].shape[1] ** 0.5)
+            labels = self.oracle_labels(batch, side)
         return self.objective(
             vis["image_embed"],
             text_embed,
@@ -146,6 +171,7 @@ class GroupViTPretrainer(nn.Module):
             prompt_heads=batch.get("prompt_heads"),
             teacher_patch_embed=None if teacher is None else teacher[0],
             teacher_prompt_embed=None if teacher is None else teacher[1],
+            teacher_labels=labels,
         )
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
