@@ -273,7 +273,8 @@ class ContrastiveObjective(nn.Module):
             f"multi_label_weight={self.multi_label_weight}, multi_label_pool={self.multi_label_pool!r}, "
             f"patch_label_weight={self.patch_label_weight}, prompt_uniformity_weight={self.prompt_uniformity_weight}, "
             f"patch_mean_weight={self.patch_mean_weight}, grounded_seg_weight={self.grounded_seg_weight}, "
-            f"grounded_seg_scope={self.grounded_seg_scope!r}, grounded_patch_weight={self.grounded_patch_weight}"
+            f"grounded_seg_scope={self.grounded_seg_scope!r}, grounded_patch_weight={self.grounded_patch_weight}, "
+            f"grounded_teacher={self.grounded_teacher!r}, grounded_vocab={self.grounded_vocab!r}"
         )
 
     @property
