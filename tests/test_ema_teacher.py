@@ -259,3 +259,15 @@ def test_oracle_labels_name_each_patch_by_the_prompts_of_its_majority_class():
     assert out["grounded_patch"] > 0 and out["grounded"] > 0
     with pytest.raises(ValueError, match="needs the batch's masks"):
         model.oracle_labels({k: v for k, v in batch.items() if k != "masks"}, 8)
+
+
+def test_the_mixreorg_trainer_refuses_a_teacher_it_would_not_read():
+    from mixreorg.nn.mixreorg import MixReorg
+    from mixreorg.recipes.builders import build_groupvit
+    from mixreorg.recipes.config import get_preset
+    from mixreorg.recipes.mixreorg_trainer import MixReorgPretrainer
+
+    cfg = get_preset("tiny")
+    objective = ContrastiveObjective(grounded_seg_weight=1.0, grounded_seg_scope="noun", grounded_teacher="ema")
+    with pytest.raises(ValueError, match="GroupViT trainer only"):
+        MixReorgPretrainer(MixReorg(build_groupvit(cfg), {"group_size": 8}), objective)

@@ -41,6 +41,9 @@ class MixReorgPretrainer(nn.Module):
         super().__init__()
         if patch_tokens not in PATCH_LABEL_TOKENS:
             raise ValueError(f"patch_tokens must be one of {PATCH_LABEL_TOKENS}, got {patch_tokens!r}")
+        if getattr(objective, "grounded_teacher", "self") != "self":
+            raise ValueError(f"MixReorgPretrainer: grounded_teacher={objective.grounded_teacher!r} is built for the "
+                             "GroupViT trainer only (the MixReorg branches read the student's own labels)")
         self.patch_tokens = patch_tokens
         self.model = model
         self.objective = objective
