@@ -98,7 +98,7 @@ def grounded_seg_loss(
     *,
     scope: str = "image",
     prompt_ids: torch.Tensor | None = None,
-    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
     vocab_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft cross-entropy, per grouped position, from the teacher's labels to the segments'.
@@ -154,7 +154,7 @@ def grounded_patch_loss(
     prompt_ids: torch.Tensor | None = None,
     teach_on: torch.Tensor | None = None,
     threshold: float = 0.0,
-    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
     vocab_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The grounded label on the patch tokens themselves: deep supervision of what the grouping assigns.
@@ -264,7 +264,7 @@ def _vocab(vocab_mask: torch.Tensor | None, prompt_mask: torch.Tensor, scope: st
     return vocab_mask.to(prompt_mask.device) & prompt_mask
 
 
-def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids, vocab=None) -> torch.Tensor:
+def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids, vocab) -> torch.Tensor:
     """``[B, N]`` soft cross-entropy from ``target [B, N, K]`` to each student of ``pos [B, N, D]``."""
     b, k = prompt_mask.shape
     if scope == "image":
@@ -272,7 +272,6 @@ def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_i
         logits = torch.einsum("bnd,bkd->bnk", pos.float(), prompt_embed.float()) * scale
         logp = logits.masked_fill(~mask, _MASKED).log_softmax(-1)
     else:
-        vocab = prompt_mask if vocab is None else vocab
         logp = _vocab_logp(pos, prompt_embed, vocab, scale)  # [B, N, B*K]
         with torch.no_grad():
             spread = _share_by_id(prompt_ids.to(pos.device), vocab.to(pos.device)).view(b, k, b * k)
@@ -297,7 +296,7 @@ def grounded_mixed_loss(
     *,
     scope: str = "noun",
     prompt_ids: torch.Tensor | None = None,
-    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
     vocab_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The grounded term on MixReorg's MIXED images: each mixed position is named by the teacher's label

@@ -86,7 +86,7 @@ from .contrastive import (
 )
 from .grounded import GROUNDED_PATCH_ON, GROUNDED_SCOPES, grounded_patch_loss, grounded_seg_loss
 
-__all__ = ["ContrastiveObjective", "GROUNDED_TEACHERS", "MULTI_LABEL_POOLS", "label_key_ids"]
+__all__ = ["ContrastiveObjective", "GROUNDED_TEACHERS", "GROUNDED_VOCABS", "MULTI_LABEL_POOLS", "label_key_ids"]
 
 MULTI_LABEL_POOLS = ("image", "max_segment")
 GROUNDED_TEACHERS = ("self", "ema", "oracle")  # who labels the patches for the grounded terms

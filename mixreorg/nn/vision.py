@@ -646,9 +646,16 @@ class GroupViTVisionEncoder(nn.Module):
         first grouping assigned, in row-major order of the returned ``grid``.
         """
         grid = self.patch_embed.grid_for(images)
-        x0, skip = self.embed_with_skip(images)
-        g = self.stages[0].init_group_tokens(x0.shape[0])
-        x, g = self.stages[0].forward_blocks(x0, g)
+        x, g, x0, skip = self.forward_stage1_blocks(images)
         out = self.forward_from_stage_output(0, x, g, return_maps=return_maps, grid=grid, skip=skip)
         out["stage1_tokens"], out["embed_tokens"] = x, x0
         return out
+
+    def forward_stage1_blocks(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Embedding and the first stage's blocks, no grouping: ``(patch tokens [B, L, C], group
+        tokens [B, S, C], embedded patches [B, L, C], skip features or None)``."""
+        x0, skip = self.embed_with_skip(images)
+        x, g = self.stages[0].forward_blocks(x0, self.stages[0].init_group_tokens(x0.shape[0]))
+        return x, g, x0, skip

@@ -128,9 +128,7 @@ class GroupViTPretrainer(nn.Module):
         else:
             self.teacher.update(self.groupvit)
         t = self.teacher.module
-        enc = t.vision
-        x0, _ = enc.embed_with_skip(images)
-        x, _ = enc.stages[0].forward_blocks(x0, enc.stages[0].init_group_tokens(x0.shape[0]))
+        x, _, x0, _ = t.vision.forward_stage1_blocks(images)
         tokens = x if self.patch_tokens == "stage1" else x0
         return t.project_patches(tokens), t.encode_text(prompts)
 
