@@ -21,10 +21,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grounded_seg_loss", "grounded_patch_loss", "grounded_mixed_loss", "GROUNDED_SCOPES", "GROUNDED_PATCH_ON"]
+__all__ = [
+    "grounded_seg_loss",
+    "grounded_patch_loss",
+    "grounded_mixed_loss",
+    "teacher_labels",
+    "GROUNDED_SCOPES",
+    "GROUNDED_PATCH_ON",
+    "GROUNDED_LABELS",
+]
 
 GROUNDED_SCOPES = ("image", "batch", "noun")  # what a position's segment is told apart from
 GROUNDED_PATCH_ON = ("all", "phrases")  # which prompts may teach a patch (objective.grounded_patch_on)
+GROUNDED_LABELS = ("soft", "cam")  # how a teacher's similarities become labels (see teacher_labels)
 
 _MASKED = -1e4  # not -inf: a masked logit times a zero target must stay finite
 
@@ -100,6 +109,8 @@ def grounded_seg_loss(
     prompt_ids: torch.Tensor | None = None,
     teacher: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
     vocab_mask: torch.Tensor | None = None,
+    labels: str = "soft",
+    cam_threshold: float = 0.7,
 ) -> torch.Tensor:
     """Soft cross-entropy, per grouped position, from the teacher's labels to the segments'.
 
@@ -129,6 +140,9 @@ def grounded_seg_loss(
             prompt). The bare nouns' prompts ("circle", not "red circle") make the student's choice
             the one zero-shot inference makes, over nouns; with every prompt, a red circle's patch is
             also asked to match "blue circle" while the prompt losses ask it not to.
+        labels, cam_threshold: how the teacher's similarities become labels (:func:`teacher_labels`):
+            ``"soft"`` (the softmax over the image's prompts) or ``"cam"`` (hard, thresholded
+            activation maps; the unlabelled positions are left out of the mean).
 
     Images with fewer than two noun prompts tell nothing apart and count zero; the mean is over
     the images that do (0 with a zero gradient when none does). Under ``torch.distributed`` the
@@ -138,10 +152,11 @@ def grounded_seg_loss(
     _check_scope(scope, prompt_ids, prompt_mask)
     vocab = _vocab(vocab_mask, prompt_mask, scope)
     h, big = _grids(patch_embed, assign)
-    target = _to_grouped_grid(_teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher), h, big)  # [B, N, K]
+    target = _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher, labels, cam_threshold)  # [B, L, K]
+    target = _to_grouped_grid(target, h, big)  # [B, N, K]
     pos = torch.einsum("bsn,bsd->bnd", assign.to(seg_embed.dtype), seg_embed)  # [B, N, D]: each position's segment
-    return _image_mean(_student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids, vocab),
-                       prompt_mask)
+    per_pos = _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_ids, vocab)  # [B, N]
+    return _image_mean(per_pos, prompt_mask, _labelled(target, labels, teacher))
 
 
 def grounded_patch_loss(
@@ -156,6 +171,8 @@ def grounded_patch_loss(
     threshold: float = 0.0,
     teacher: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
     vocab_mask: torch.Tensor | None = None,
+    labels: str = "soft",
+    cam_threshold: float = 0.7,
 ) -> torch.Tensor:
     """The grounded label on the patch tokens themselves: deep supervision of what the grouping assigns.
 
@@ -206,10 +223,10 @@ def grounded_patch_loss(
         raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
     if teach_on is not None and (teach_on.shape != prompt_mask.shape or teach_on.dtype != torch.bool):
         raise ValueError(f"teach_on must be a bool [B={b}, K={k}], got {teach_on.dtype} {tuple(teach_on.shape)}")
-    target = _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher)  # [B, L, K]
+    target = _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher, labels, cam_threshold)  # [B, L, K]
     if teach_on is None and threshold == 0.0:
         per_pos = _student_loss(patch_embed, target, prompt_embed, prompt_mask, scale, scope, prompt_ids, vocab)
-        return _image_mean(per_pos, prompt_mask)
+        return _image_mean(per_pos, prompt_mask, _labelled(target, labels, teacher))
     with torch.no_grad():
         prob, best = target.max(-1)  # [B, L]
         taught = prob > threshold
@@ -229,9 +246,48 @@ def _check_scope(scope: str, prompt_ids: torch.Tensor | None, prompt_mask: torch
 
 
 @torch.no_grad()
-def _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher=None) -> torch.Tensor:
-    """``[B, L, K]`` each patch's softmax over its image's noun prompts (zero on the others), read
-    from ``teacher = (patch_embed, prompt_embed)`` of another model when given, or ``teacher`` itself
+def teacher_labels(
+    patch_embed: torch.Tensor,
+    prompt_embed: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    scale: torch.Tensor | float,
+    labels: str = "soft",
+    cam_threshold: float = 0.7,
+) -> torch.Tensor:
+    """``[B, L, K]`` each patch's label over its image's noun prompts, from the similarities
+    ``patch_embed [B, L, D] . prompt_embed [B, K, D]`` (normalised), zero on the masked prompts.
+
+    ``labels="soft"``: the softmax over the image's prompts at ``scale``; every row sums to 1.
+
+    ``labels="cam"``: hard labels by the weakly-supervised segmentation rule (class activation maps
+    thresholded): each prompt's similarity is min-max normalised over the image's patches, so every
+    named noun claims the patches where it is relatively strongest, however similar the image's
+    patches are overall; a patch takes the prompt with the highest normalised value, and is left
+    unlabelled (a zero row) where that value is at most ``cam_threshold``. Against the softmax, this
+    stops an object's prompt from claiming the background where the patches' absolute similarities
+    are alike (the tiny recipe's teacher labelled three times as many patches "object" as there are;
+    docs/investigation/LOG.md, session 14), and leaves the background of a caption that does not
+    name it unlabelled instead of wrong.
+    """
+    if labels not in GROUNDED_LABELS:
+        raise ValueError(f"labels must be one of {GROUNDED_LABELS}, got {labels!r}")
+    mask = prompt_mask.to(patch_embed.device)[:, None, :]  # [B, 1, K]
+    sim = torch.einsum("bld,bkd->blk", patch_embed.float(), prompt_embed.float())  # [B, L, K]
+    if labels == "soft":
+        return (sim * scale).masked_fill(~mask, _MASKED).softmax(-1) * mask
+    if not 0.0 <= cam_threshold < 1.0:
+        raise ValueError(f"cam_threshold must be in [0, 1), got {cam_threshold!r}")
+    lo, hi = sim.amin(1, keepdim=True), sim.amax(1, keepdim=True)  # [B, 1, K] over the image's patches
+    cam = ((sim - lo) / (hi - lo).clamp_min(1e-6)).masked_fill(~mask, -1.0)  # [B, L, K] in [0, 1]; masked -1
+    value, best = cam.max(-1)  # [B, L]
+    return F.one_hot(best, sim.shape[-1]).to(sim.dtype) * (value > cam_threshold)[..., None]
+
+
+@torch.no_grad()
+def _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher=None, labels="soft",
+             cam_threshold=0.7) -> torch.Tensor:
+    """``[B, L, K]`` labels over each image's noun prompts (:func:`teacher_labels`), read from
+    ``teacher = (patch_embed, prompt_embed)`` of another model when given, or ``teacher`` itself
     when it is that ``[B, L, K]`` label tensor."""
     if isinstance(teacher, torch.Tensor):
         want = (*patch_embed.shape[:2], prompt_embed.shape[1])
@@ -246,9 +302,7 @@ def _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher=None) -> tor
                 f"{tuple(patch_embed.shape)}, prompt {tuple(t_prompt.shape)} vs {tuple(prompt_embed.shape)}"
             )
         patch_embed, prompt_embed = t_patch, t_prompt
-    mask = prompt_mask.to(patch_embed.device)[:, None, :]  # [B, 1, K]
-    teach = torch.einsum("bld,bkd->blk", patch_embed.float(), prompt_embed.float()) * scale
-    return teach.masked_fill(~mask, _MASKED).softmax(-1) * mask
+    return teacher_labels(patch_embed, prompt_embed, prompt_mask, scale, labels, cam_threshold)
 
 
 def _vocab(vocab_mask: torch.Tensor | None, prompt_mask: torch.Tensor, scope: str) -> torch.Tensor:
@@ -279,10 +333,24 @@ def _student_loss(pos, target, prompt_embed, prompt_mask, scale, scope, prompt_i
     return -(target * logp).sum(-1)  # [B, N]
 
 
-def _image_mean(per_pos: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over positions, then over the images with at least two noun prompts (0 if none)."""
+def _labelled(target: torch.Tensor, labels: str, teacher) -> torch.Tensor | None:
+    """``[B, N]`` 1 where the teacher labelled a position, with hard ``"cam"`` labels from embeddings
+    (their zero rows are "no label"); None otherwise (every position counts, as before)."""
+    if labels != "cam" or isinstance(teacher, torch.Tensor):
+        return None
+    return target.sum(-1)
+
+
+def _image_mean(per_pos: torch.Tensor, prompt_mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions (those with ``weight`` 1 when given), then over the images with at least
+    two noun prompts and a weighted position (0 if none)."""
     counts = prompt_mask.sum(-1).to(per_pos.device) >= 2
-    return (per_pos.mean(-1) * counts).sum() / counts.sum().clamp_min(1)
+    if weight is None:
+        per_image = per_pos.mean(-1)
+    else:
+        per_image = (per_pos * weight).sum(-1) / weight.sum(-1).clamp_min(1)
+        counts = counts & (weight.sum(-1) > 0)
+    return (per_image * counts).sum() / counts.sum().clamp_min(1)
 
 
 def grounded_mixed_loss(
@@ -298,6 +366,8 @@ def grounded_mixed_loss(
     prompt_ids: torch.Tensor | None = None,
     teacher: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
     vocab_mask: torch.Tensor | None = None,
+    labels: str = "soft",
+    cam_threshold: float = 0.7,
 ) -> torch.Tensor:
     """The grounded term on MixReorg's MIXED images: each mixed position is named by the teacher's label
     of the original patch it came from.
@@ -316,7 +386,8 @@ def grounded_mixed_loss(
             map (``N = H x H``, ``H`` a multiple of ``h``).
         src: ``[B, L]`` the batch row each mixed patch was read from (``MixPlan.src``); patches keep
             their position.
-        prompt_embed, prompt_mask, scale, scope, prompt_ids, teacher, vocab_mask: as :func:`grounded_seg_loss`;
+        prompt_embed, prompt_mask, scale, scope, prompt_ids, teacher, vocab_mask, labels, cam_threshold: as
+            :func:`grounded_seg_loss`;
             ``scope`` ``"batch"`` or ``"noun"`` (a mixed image has no caption of its own).
 
     The mean is over the mixed positions whose source names at least two nouns (0 with a zero
@@ -335,11 +406,14 @@ def grounded_mixed_loss(
     h, big = _grids(patch_embed, assign)
     src = src.to(patch_embed.device)
     with torch.no_grad():
-        teach = _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher)  # [B, L, K] of the originals
+        teach = _teacher(patch_embed, prompt_embed, prompt_mask, scale, teacher, labels, cam_threshold)  # [B, L, K]
         moved = teach[src, torch.arange(length, device=src.device)]  # [B, L, K]: each mixed patch's label
         flat = moved.new_zeros(b, length, b, k)
         flat.scatter_(2, src[:, :, None, None].expand(b, length, 1, k), moved[:, :, None, :])
         valid = (prompt_mask.to(src.device).sum(-1) >= 2)[src].float()  # [B, L] source names >= 2 nouns
+        labelled = _labelled(moved, labels, teacher)
+        if labelled is not None:  # hard "cam" labels: the unlabelled patches teach nothing
+            valid = valid * labelled
         target = flat.reshape(b, length, b * k) @ _share_by_id(prompt_ids.to(src.device), vocab.to(src.device))
         target = _to_grouped_grid(target, h, big)  # [B, N, B*K]
         valid = _to_grouped_grid(valid[..., None], h, big)[..., 0]  # [B, N]

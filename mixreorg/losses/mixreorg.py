@@ -187,6 +187,7 @@ class MixReorgLoss(nn.Module):
         term = grounded_mixed_loss(patches, out["mixed"]["seg_embed"], out["mixed"]["assign"], out["plan"].src,
                                    out["prompt_embed"], mask, ml, scope=self.contrastive.grounded_seg_scope,
                                    prompt_ids=ids, vocab_mask=self.contrastive.grounded_vocab_mask(
-                                       kw.get("prompt_keys"), kw.get("prompt_heads"), mask))
+                                       kw.get("prompt_keys"), kw.get("prompt_heads"), mask),
+                                   **self.contrastive.grounded_label_kwargs)
         logs["mixed/grounded"] = term
         return term

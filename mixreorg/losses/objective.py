@@ -55,6 +55,10 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
   nouns' prompts only, each taking the teacher's mass of every prompt with its head noun: the
   choice zero-shot inference makes ("circle" among nouns), without asking a red circle to match
   "blue circle".
+* ``grounded_labels`` (default ``"soft"``) [R]: how the teacher's patch-prompt similarities become
+  labels (:func:`mixreorg.losses.grounded.teacher_labels`): the softmax over the image's prompts, or
+  (``"cam"``) hard labels from each prompt's activation map min-max normalised over the image,
+  thresholded at ``grounded_cam_threshold`` (below it a patch is left unlabelled).
 * ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
   of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
   image ``i``'s label keys (default: the keys of its own prompts).
@@ -84,7 +88,7 @@ from .contrastive import (
     logit_scale_value,
     prompt_loss,
 )
-from .grounded import GROUNDED_PATCH_ON, GROUNDED_SCOPES, grounded_patch_loss, grounded_seg_loss
+from .grounded import GROUNDED_LABELS, GROUNDED_PATCH_ON, GROUNDED_SCOPES, grounded_patch_loss, grounded_seg_loss
 
 __all__ = ["ContrastiveObjective", "GROUNDED_TEACHERS", "GROUNDED_VOCABS", "MULTI_LABEL_POOLS", "label_key_ids"]
 
@@ -205,6 +209,8 @@ class ContrastiveObjective(nn.Module):
         grounded_patch_threshold: float = 0.0,
         grounded_teacher: str = "self",
         grounded_vocab: str = "prompts",
+        grounded_labels: str = "soft",
+        grounded_cam_threshold: float = 0.7,
         bias_init: float = -10.0,
         ml_bias_init: float | None = None,
         learn_bias: bool = True,
@@ -257,6 +263,11 @@ class ContrastiveObjective(nn.Module):
             raise ValueError("grounded_vocab='nouns' needs grounded_seg_scope='noun' (a phrase's mass goes to its "
                              "head noun's prompts)")
         self.grounded_vocab = grounded_vocab
+        if grounded_labels not in GROUNDED_LABELS:
+            raise ValueError(f"grounded_labels must be one of {GROUNDED_LABELS}, got {grounded_labels!r}")
+        if not 0.0 <= grounded_cam_threshold < 1.0:
+            raise ValueError(f"grounded_cam_threshold must be in [0, 1), got {grounded_cam_threshold!r}")
+        self.grounded_labels, self.grounded_cam_threshold = grounded_labels, float(grounded_cam_threshold)
         self.max_logit_scale = float(max_logit_scale)
         self.gather = bool(gather)
         if loss == "sigmoid":
@@ -274,7 +285,9 @@ class ContrastiveObjective(nn.Module):
             f"patch_label_weight={self.patch_label_weight}, prompt_uniformity_weight={self.prompt_uniformity_weight}, "
             f"patch_mean_weight={self.patch_mean_weight}, grounded_seg_weight={self.grounded_seg_weight}, "
             f"grounded_seg_scope={self.grounded_seg_scope!r}, grounded_patch_weight={self.grounded_patch_weight}, "
-            f"grounded_teacher={self.grounded_teacher!r}, grounded_vocab={self.grounded_vocab!r}"
+            f"grounded_teacher={self.grounded_teacher!r}, grounded_vocab={self.grounded_vocab!r}, "
+            f"grounded_labels={self.grounded_labels!r}"
+            + (f", grounded_cam_threshold={self.grounded_cam_threshold}" if self.grounded_labels == "cam" else "")
         )
 
     @property
@@ -410,6 +423,12 @@ class ContrastiveObjective(nn.Module):
         bare = _ids(prompt_keys, "prompt_keys", shape) == _ids(prompt_heads, "prompt_heads", shape)
         return bare.to(prompt_mask.device) & prompt_mask
 
+    @property
+    def grounded_label_kwargs(self) -> dict:
+        """How the grounded terms' teacher turns similarities into labels (``labels``, ``cam_threshold``
+        of :func:`mixreorg.losses.grounded.teacher_labels`)."""
+        return {"labels": self.grounded_labels, "cam_threshold": self.grounded_cam_threshold}
+
     def grounded_teacher_of(self, patch_embed: torch.Tensor | None, prompt_embed: torch.Tensor | None,
                             labels: torch.Tensor | None = None) -> tuple | torch.Tensor | None:
         """The teacher of the grounded terms, checked: ``(patch_embed, prompt_embed)`` (both or
@@ -442,7 +461,7 @@ class ContrastiveObjective(nn.Module):
         if self.grounded_seg_weight > 0:
             out["grounded"] = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask, scale,
                                                 scope=self.grounded_seg_scope, prompt_ids=ids, teacher=teacher,
-                                                vocab_mask=vocab)
+                                                vocab_mask=vocab, **self.grounded_label_kwargs)
             total = total + self.grounded_seg_weight * out["grounded"]
         # with an EMA teacher, the patch term waits for it (self-taught patches collapse: LOG session 12)
         if self.grounded_patch_weight > 0 and (teacher is not None or self.grounded_teacher == "self"):
@@ -456,7 +475,8 @@ class ContrastiveObjective(nn.Module):
             out["grounded_patch"] = grounded_patch_loss(patch_embed, prompt_embed, prompt_mask, scale,
                                                         scope=self.grounded_seg_scope, prompt_ids=ids,
                                                         teach_on=teach_on, threshold=self.grounded_patch_threshold,
-                                                        teacher=teacher, vocab_mask=vocab)
+                                                        teacher=teacher, vocab_mask=vocab,
+                                                        **self.grounded_label_kwargs)
             total = total + self.grounded_patch_weight * out["grounded_patch"]
         return total
 

@@ -32,6 +32,8 @@ def build_objective(cfg: PretrainConfig) -> ContrastiveObjective:
         grounded_patch_threshold=o.grounded_patch_threshold,
         grounded_teacher=o.grounded_teacher,
         grounded_vocab=o.grounded_vocab,
+        grounded_labels=o.grounded_labels,
+        grounded_cam_threshold=o.grounded_cam_threshold,
         patch_mean_weight=o.patch_mean_weight,
         bias_init=o.bias_init,
         ml_bias_init=o.ml_bias_init,

@@ -157,6 +157,8 @@ class ObjectiveConfig:
     grounded_teacher_start: int = 0  # [R] "ema": the step the copy is taken (the patch term waits for it)
     grounded_teacher_momentum: float = 0.999  # [R] "ema": the average's momentum (1: frozen at the start step)
     grounded_vocab: str = "prompts"  # [R] "prompts" | "nouns": the grounded students choose among bare nouns
+    grounded_labels: str = "soft"  # [R] "soft" | "cam": the teacher's softmax, or thresholded activation maps
+    grounded_cam_threshold: float = 0.7  # [R] "cam": below this a patch is left unlabelled
     patch_label_tokens: str = "stage1"  # which patches: "stage1" (after its blocks) | "embed" (before any)
     bias_init: float = -10.0
     ml_bias_init: float | None = None
@@ -355,6 +357,11 @@ class PretrainConfig:
             problems.append(f"objective.grounded_vocab must be prompts|nouns, got {self.objective.grounded_vocab!r}")
         elif self.objective.grounded_vocab == "nouns" and self.objective.grounded_seg_scope != "noun":
             problems.append("objective.grounded_vocab=nouns needs objective.grounded_seg_scope=noun")
+        if self.objective.grounded_labels not in ("soft", "cam"):
+            problems.append(f"objective.grounded_labels must be soft|cam, got {self.objective.grounded_labels!r}")
+        if not 0.0 <= self.objective.grounded_cam_threshold < 1.0:
+            problems.append("objective.grounded_cam_threshold must be in [0, 1), got "
+                            f"{self.objective.grounded_cam_threshold!r}")
         if not 0.0 <= self.objective.grounded_patch_threshold < 1.0:
             problems.append(
                 f"objective.grounded_patch_threshold must be in [0, 1), got {self.objective.grounded_patch_threshold!r}"
