@@ -277,6 +277,32 @@ def test_assigned_pool_ignores_segments_that_own_no_patch() -> None:
     assert view.encode_image(x)["soft_maps"] == []  # maps only on request
 
 
+def test_assigned_pool_without_weight_grad_is_the_same_vector_with_no_gradient_into_the_maps() -> None:
+    from mixreorg.nn import GroupViT, assigned_pool
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 3, 4, generator=gen, requires_grad=True)
+    owner = torch.randint(0, 3, (2, 6), generator=gen)
+    hard = F.one_hot(owner, 3).transpose(1, 2).float().requires_grad_(True)  # [B, S, N]
+    probe = torch.randn(2, 4, generator=gen)
+    grads = {}
+    for flag in (True, False):
+        pooled = assigned_pool({"tokens": tokens, "hard_maps": [hard]}, weight_grad=flag)
+        grads[flag] = torch.autograd.grad((pooled * probe).sum(), (tokens, hard), allow_unused=True,
+                                          materialize_grads=True)
+        grads[flag, "value"] = pooled.detach()
+    torch.testing.assert_close(grads[True, "value"], grads[False, "value"])
+    torch.testing.assert_close(grads[True][0], grads[False][0])  # the segment tokens learn the same
+    assert grads[True][1].abs().sum() > 0 and not grads[False][1].abs().any()
+    with pytest.raises(ValueError, match="pool_weight_grad=False is an option of image_pool='assigned'"):
+        GroupViT(image_pool="mean", pool_weight_grad=False)
+    cfg = get_preset("tiny")
+    apply_overrides(cfg, TINY + ["model.image_pool_grad=false"])
+    assert build_model(cfg).groupvit.pool_weight_grad is False  # the tiny preset pools "assigned"
+    with pytest.raises(ValueError, match="image_pool_grad=false needs model.image_pool=assigned"):
+        apply_overrides(get_preset("tiny"), ["model.image_pool=mean", "model.image_pool_grad=false"]).validate()
+
+
 def test_folder_source_with_deit_augmentation(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image

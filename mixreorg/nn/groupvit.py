@@ -111,7 +111,7 @@ def assignment_to_image(
     return m
 
 
-def assigned_pool(vision_out: dict) -> torch.Tensor:
+def assigned_pool(vision_out: dict, weight_grad: bool = True) -> torch.Tensor:
     """Image vector ``[B, C]`` = the segment tokens averaged with weights = the share of patches each
     segment owns (composed hard assignments; straight-through gradient in training).
 
@@ -119,12 +119,18 @@ def assigned_pool(vision_out: dict) -> torch.Tensor:
     still fed by the grouping block's cross-attention over the whole image) can carry the image's
     semantics while the segments that own the pixels carry none -- which zero-shot segmentation
     reads. Weighting by ownership makes the pixel-owning segments the ones that must match the text.
+
+    ``weight_grad=False`` stops the gradient through the weights (the vector is the same): the
+    image-level losses then cannot move patches into the segment that already matches the caption
+    best, a rich-get-richer pull toward one segment per image [R].
     """
     maps = vision_out.get("hard_maps") or []
     if not maps:
         raise ValueError("assigned pooling needs the assignment maps (encode with return_maps=True)")
     weights = compose_assignments(maps).sum(-1)  # [B, S] patches owned by each final segment
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
+    if not weight_grad:
+        weights = weights.detach()
     return torch.einsum("bs,bsc->bc", weights.to(vision_out["tokens"].dtype), vision_out["tokens"])
 
 
@@ -142,6 +148,8 @@ class GroupViT(nn.Module):
         image_pool: the image vector the projection head reads: ``"mean"`` (GroupViT: the uniform
             average of the final segment tokens) or ``"assigned"`` (:func:`assigned_pool`: weighted
             by the patches each segment owns). No parameters depend on it.
+        pool_weight_grad: ``"assigned"`` only: whether the image-level losses' gradient reaches the
+            assignment through the ownership weights (False: :func:`assigned_pool` ``weight_grad``) [R].
     """
 
     def __init__(
@@ -155,11 +163,15 @@ class GroupViT(nn.Module):
         logit_scale_max: float = 100.0,
         multi_label_scale: bool = True,
         image_pool: str = "mean",
+        pool_weight_grad: bool = True,
     ) -> None:
         super().__init__()
         if image_pool not in IMAGE_POOLS:
             raise ValueError(f"image_pool must be one of {IMAGE_POOLS}, got {image_pool!r}")
+        if not pool_weight_grad and image_pool != "assigned":
+            raise ValueError("pool_weight_grad=False is an option of image_pool='assigned' (mean pooling has no weights)")
         self.image_pool = image_pool
+        self.pool_weight_grad = bool(pool_weight_grad)
         if vision is None or isinstance(vision, dict):
             vision = GroupViTVisionEncoder(**(vision or {}))
         if text is None or isinstance(text, dict):
@@ -216,7 +228,7 @@ class GroupViT(nn.Module):
         """``vision_out`` with ``pooled`` as ``image_pool`` says (the encoder's mean, or assigned)."""
         if self.image_pool == "mean":
             return vision_out
-        return {**vision_out, "pooled": assigned_pool(vision_out)}
+        return {**vision_out, "pooled": assigned_pool(vision_out, self.pool_weight_grad)}
 
     def encode_image(self, images: torch.Tensor, return_maps: bool = False) -> dict:
         """Image features: dict with ``image_embed [B, D]`` (normalised), ``seg_embed

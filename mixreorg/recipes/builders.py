@@ -56,6 +56,7 @@ def build_groupvit(cfg: PretrainConfig) -> GroupViT:
         proj_layers=m.proj_layers,
         logit_scale_init=math.log(m.logit_scale_init),
         image_pool=m.image_pool,
+        pool_weight_grad=m.image_pool_grad,
     )
 
 

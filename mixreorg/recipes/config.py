@@ -105,6 +105,8 @@ class ModelConfig:
     image_pool: ``"mean"`` (GroupViT: uniform average of the segment tokens) or ``"assigned"``
         (weighted by the share of patches each segment owns; see
         :func:`mixreorg.nn.groupvit.assigned_pool`).
+    image_pool_grad: ``"assigned"`` only [R]: whether the image-level losses reach the assignment
+        through the ownership weights (False stops that gradient; the vector is the same).
     mixreorg: arguments of the MixReorg encoder and its extra losses (:class:`MixReorgConfig` etc.).
     use_checkpoint: activation checkpointing of every transformer block.
     supervised_head: ``--model supervised`` only: ``"groups"`` (through the grouping) or ``"patches"``
@@ -126,6 +128,7 @@ class ModelConfig:
     proj_layers: int = 2
     logit_scale_init: float = 1 / 0.07
     image_pool: str = "mean"
+    image_pool_grad: bool = True
     mixreorg: dict = field(default_factory=dict)
     use_checkpoint: bool = False
     supervised_head: str = "groups"
@@ -299,6 +302,8 @@ class PretrainConfig:
             problems.append(f"data.num_prompts must be >= 1, got {self.data.num_prompts}")
         if self.model.image_pool not in ("mean", "assigned"):
             problems.append(f"model.image_pool must be mean|assigned, got {self.model.image_pool!r}")
+        elif not self.model.image_pool_grad and self.model.image_pool != "assigned":
+            problems.append("model.image_pool_grad=false needs model.image_pool=assigned (mean pooling has no weights)")
         if self.model.supervised_head not in ("groups", "patches"):
             problems.append(f"model.supervised_head must be groups|patches, got {self.model.supervised_head!r}")
         if self.model.supervised_maps not in ("soft", "hard"):
