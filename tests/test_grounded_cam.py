@@ -189,3 +189,35 @@ def test_config_validates_the_label_settings():
     assert "grounded_cam_threshold must be in [0, 1)" in problems("objective.grounded_cam_threshold=1.5")
     cfg = apply_overrides(get_preset("tiny_grounded"), ["objective.grounded_labels=cam"]).validate()
     assert build_objective(cfg).grounded_label_kwargs == {"labels": "cam", "cam_threshold": 0.7}
+
+
+def test_with_an_ema_teacher_the_rule_labels_the_teacher_and_the_student_keeps_soft_labels_before():
+    """Before the EMA copy exists the segment term reads the student's own SOFT labels (hard labels
+    from untrained patches taught the grouping noise); once it is passed, the cam rule labels it."""
+    from mixreorg.losses.grounded import grounded_seg_loss as seg_loss
+
+    gen = torch.Generator().manual_seed(4)
+    b, k, d = 3, 3, 8
+    patch, seg, t_patch = _unit(b, 4, d, gen=gen), _unit(b, 2, d, gen=gen), _unit(b, 4, d, gen=gen)
+    assign = F.one_hot(torch.randint(0, 2, (b, 4), generator=gen), 2).transpose(1, 2).double()
+    prompts, t_prompts = _unit(b, k, d, gen=gen), _unit(b, k, d, gen=gen)
+    mask = torch.ones(b, k, dtype=torch.bool)
+    ids = torch.arange(b * k).view(b, k) % 4
+    img, txt = (F.normalize(torch.randn(b, d, dtype=torch.float64, generator=gen), dim=-1) for _ in range(2))
+    kw = dict(logit_scale=torch.tensor(2.0), prompt_embed=prompts, patch_embed=patch, seg_embed=seg, assign=assign,
+              prompt_mask=mask, prompt_keys=ids, prompt_heads=ids)
+    ema = ContrastiveObjective(grounded_seg_weight=1.0, grounded_seg_scope="noun", grounded_teacher="ema",
+                               grounded_labels="cam", grounded_cam_threshold=0.5)
+    scale = float(torch.tensor(2.0).exp())
+    common = dict(scope="noun", prompt_ids=ids)
+    waiting = ema(img, txt, **kw)["grounded"]
+    torch.testing.assert_close(waiting, seg_loss(patch, seg, assign, prompts, mask, scale, **common))
+    taught = ema(img, txt, teacher_patch_embed=t_patch, teacher_prompt_embed=t_prompts, **kw)["grounded"]
+    want = seg_loss(patch, seg, assign, prompts, mask, scale, teacher=(t_patch, t_prompts), labels="cam",
+                    cam_threshold=0.5, **common)
+    torch.testing.assert_close(taught, want)
+    selfish = ContrastiveObjective(grounded_seg_weight=1.0, grounded_seg_scope="noun", grounded_labels="cam",
+                                   grounded_cam_threshold=0.5)
+    torch.testing.assert_close(selfish(img, txt, **kw)["grounded"],
+                               seg_loss(patch, seg, assign, prompts, mask, scale, labels="cam", cam_threshold=0.5,
+                                        **common))

@@ -58,7 +58,9 @@ GroupViT's as published; the recipe's tiny preset changes some of them, by measu
 * ``grounded_labels`` (default ``"soft"``) [R]: how the teacher's patch-prompt similarities become
   labels (:func:`mixreorg.losses.grounded.teacher_labels`): the softmax over the image's prompts, or
   (``"cam"``) hard labels from each prompt's activation map min-max normalised over the image,
-  thresholded at ``grounded_cam_threshold`` (below it a patch is left unlabelled).
+  thresholded at ``grounded_cam_threshold`` (below it a patch is left unlabelled). With
+  ``grounded_teacher="ema"`` the rule labels the teacher's patches; before the copy is taken the
+  segment term keeps the student's own soft labels.
 * ``multi_label_weight`` (default 1): weight of the prompt loss. Each image has K prompts (``"a photo
   of a {noun}."``); prompt ``(j, k)`` is a positive of image ``i`` when its key (the noun) is among
   image ``i``'s label keys (default: the keys of its own prompts).
@@ -457,11 +459,16 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"the grounded terms need {', '.join(need)}; missing: {', '.join(missing)}")
         ids = self.grounded_prompt_ids(prompt_keys, prompt_heads, prompt_mask)
         vocab = self.grounded_vocab_mask(prompt_keys, prompt_heads, prompt_mask)
+        labels = self.grounded_label_kwargs
+        if self.grounded_teacher == "ema" and teacher is None:
+            # before the EMA copy exists the segment term reads the student's own soft labels: hard
+            # "cam" labels from untrained patches teach the grouping noise (LOG, session 14)
+            labels = {**labels, "labels": "soft"}
         total = patch_embed.new_zeros(())
         if self.grounded_seg_weight > 0:
             out["grounded"] = grounded_seg_loss(patch_embed, seg_embed, assign, prompt_embed, prompt_mask, scale,
                                                 scope=self.grounded_seg_scope, prompt_ids=ids, teacher=teacher,
-                                                vocab_mask=vocab, **self.grounded_label_kwargs)
+                                                vocab_mask=vocab, **labels)
             total = total + self.grounded_seg_weight * out["grounded"]
         # with an EMA teacher, the patch term waits for it (self-taught patches collapse: LOG session 12)
         if self.grounded_patch_weight > 0 and (teacher is not None or self.grounded_teacher == "self"):
@@ -475,8 +482,7 @@ class ContrastiveObjective(nn.Module):
             out["grounded_patch"] = grounded_patch_loss(patch_embed, prompt_embed, prompt_mask, scale,
                                                         scope=self.grounded_seg_scope, prompt_ids=ids,
                                                         teach_on=teach_on, threshold=self.grounded_patch_threshold,
-                                                        teacher=teacher, vocab_mask=vocab,
-                                                        **self.grounded_label_kwargs)
+                                                        teacher=teacher, vocab_mask=vocab, **labels)
             total = total + self.grounded_patch_weight * out["grounded_patch"]
         return total
 
