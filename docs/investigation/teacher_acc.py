@@ -3,7 +3,7 @@ the training seed), each stage-1 patch's label over its image's own noun prompts
 terms teach; :func:`mixreorg.losses.grounded.teacher_labels`), mapped to the prompt's head noun,
 against the class that covers most of the patch.
 
-    python docs/investigation/teacher_acc.py RUN_FOLDER [batches] [--ema] [--labels soft|cam]
+    python docs/investigation/teacher_acc.py RUN_FOLDER|CHECKPOINT [batches] [--ema] [--labels soft|cam]
         [--threshold T] [--prompts K]
 
 Printed: ``thing`` / ``stuff`` (and per class): the share of the patches of a class the caption names
@@ -40,7 +40,8 @@ parser.add_argument("--prompts", type=int)
 args = parser.parse_args()
 model, _, cfg = load_inference_model(args.run, with_config=True)
 if args.ema:
-    last = sorted((Path(args.run) / "checkpoints").glob("ckpt-*.pt"))[-1]
+    given = Path(args.run)
+    last = given if given.is_file() else sorted((given / "checkpoints").glob("ckpt-*.pt"))[-1]
     state = torch.load(last, map_location="cpu", weights_only=False)
     state = state.get("model", state)
     teacher = {k[len("teacher.module."):]: v for k, v in state.items() if k.startswith("teacher.module.")}
