@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from mixreorg.losses import ContrastiveObjective
-from mixreorg.losses.grounded import grounded_mixed_loss, grounded_patch_loss, grounded_seg_loss
+from mixreorg.losses.grounded import grounded_mixed_loss, grounded_patch_loss, grounded_seg_loss, teacher_labels
 from mixreorg.nn import ModelEma
 
 
@@ -62,6 +62,7 @@ def _batch(seed, b=3, h=2, k=4, d=8, s=3):
 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000))
+@example(seed=258)  # the loss moved by 1e-5 only: the old allclose check failed there
 def test_a_teacher_equal_to_the_student_changes_nothing_and_another_changes_the_labels(seed):
     patch, seg, assign, prompts, mask, ids, src, t_patch, t_prompts = _batch(seed)
     terms = {
@@ -71,9 +72,14 @@ def test_a_teacher_equal_to_the_student_changes_nothing_and_another_changes_the_
         "mixed": lambda **kw: grounded_mixed_loss(patch, seg, assign, src, prompts, mask, 3.0, scope="noun",
                                                   prompt_ids=ids, **kw),
     }
+    labels = teacher_labels(t_patch, t_prompts, mask, 3.0)  # [B, L, K] the other teacher's labels
     for name, term in terms.items():
         assert torch.equal(term(), term(teacher=(patch.clone(), prompts.clone()))), name
-        assert not torch.allclose(term(), term(teacher=(t_patch, t_prompts))), name
+        other = term(teacher=(t_patch, t_prompts))
+        # another teacher's embeddings act through its labels alone, and they are not the student's
+        # (how far the loss moves depends on the draw: with soft labels at scale 3 it can be 1e-5)
+        torch.testing.assert_close(other, term(teacher=labels), rtol=1e-12, atol=1e-12, msg=name)
+        assert not torch.equal(term(), other), name
 
 
 def test_the_teacher_gets_no_gradient_and_frees_the_image_scope():
