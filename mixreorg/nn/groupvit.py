@@ -169,7 +169,8 @@ class GroupViT(nn.Module):
         if image_pool not in IMAGE_POOLS:
             raise ValueError(f"image_pool must be one of {IMAGE_POOLS}, got {image_pool!r}")
         if not pool_weight_grad and image_pool != "assigned":
-            raise ValueError("pool_weight_grad=False is an option of image_pool='assigned' (mean pooling has no weights)")
+            raise ValueError(
+                "pool_weight_grad=False is an option of image_pool='assigned' (mean pooling has no weights)")
         self.image_pool = image_pool
         self.pool_weight_grad = bool(pool_weight_grad)
         if vision is None or isinstance(vision, dict):
