@@ -67,6 +67,7 @@ with torch.no_grad():
         patch = model.project_patches(out["stage1_tokens"]).float()  # [B, L, D] normalised
         b, k, t = batch["prompts"].shape
         prompts = F.normalize(model.encode_text(batch["prompts"].reshape(b * k, t)).float().reshape(b, k, -1), dim=-1)
+        # any scale: the softmax's argmax and the cam rule do not depend on it
         labels = teacher_labels(patch, prompts, batch["prompt_mask"], 1 / 0.07, rule, threshold)  # [B, L, K]
         has, choice = labels.sum(-1) > 0, labels.argmax(-1)  # [B, L]
         h = int(round(patch.shape[1] ** 0.5))
