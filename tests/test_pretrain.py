@@ -557,14 +557,14 @@ def test_supervised_aux_loss_reads_the_first_stage_patches(tmp_path: Path) -> No
     model = build_model(cfg).eval()
     assert isinstance(model, SupervisedSegmenter) and model.aux_weight == 0.5
     images = torch.randn(4, 3, 32, 32)
-    out, patches, aux_grid = model._encode_with_patches(images)
+    out, [(patches, aux_grid)] = model._encode_with_patches(images)
     assert aux_grid == (4, 4)
     ref = model.encode_image(images, return_maps=True)
     torch.testing.assert_close(out["seg_embed"], ref["seg_embed"])
     torch.testing.assert_close(out["soft_maps"][0], ref["soft_maps"][0])
     assert patches.shape == (4, 16, model.groupvit.vision.width)
     masks = torch.randint(0, len(model.class_names), (4, 32, 32))
-    logits, aux_logits = model.pixel_logits(images, with_aux=True)
+    logits, [aux_logits] = model.pixel_logits(images, with_aux=True)
     assert aux_logits.shape == logits.shape == (4, len(model.class_names), 32, 32)
     losses = model.training_losses({"images": images, "masks": masks})
     ce = torch.nn.functional.cross_entropy
@@ -595,19 +595,32 @@ def test_supervised_aux_on_the_fine_grid_reads_the_tokens_the_grouping_assigns(t
     model = build_model(cfg).eval()
     assert isinstance(model, SupervisedSegmenter) and model.aux_tokens == "fine"
     images = torch.randn(2, 3, 32, 32)
-    out, tokens, grid = model._encode_with_patches(images)
+    out, [(tokens, grid)] = model._encode_with_patches(images)
     assert grid == tuple(out["grid"]) == (8, 8)  # the 4x4 token grid, twice as fine
     assert tokens.shape == (2, 64, model.groupvit.vision.width)
     assert out["soft_maps"][0].shape[-1] == 64  # the grouping assigned exactly these tokens
     # the fine tokens are what the grouping's keys read: they depend on the trunk's skip projection
-    _, aux_logits = model.pixel_logits(images, with_aux=True)
+    _, [aux_logits] = model.pixel_logits(images, with_aux=True)
     model.zero_grad()
     torch.nn.functional.cross_entropy(aux_logits, torch.randint(0, 10, (2, 32, 32))).backward()
     assert model.groupvit.vision.fine_tokens.proj.weight.grad.abs().sum() > 0
+    # "both": one loss on the stage-1 tokens and one on the fine tokens, each at the weight
+    both = SupervisedSegmenter(model.groupvit, model.class_names, maps="hard", aux_weight=0.5, aux_tokens="both")
+    both.eval()
+    both.class_embed.data.copy_(model.class_embed.data)  # a new model draws its own class embeddings
+    out, reads = both._encode_with_patches(images)
+    assert [tuple(g) for _, g in reads] == [(4, 4), (8, 8)]
+    masks = torch.randint(0, 10, (2, 32, 32))
+    logits, aux_list = both.pixel_logits(images, with_aux=True)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(aux_list[0], both.patch_logits(out["stage1_tokens"], (4, 4), (32, 32)))
+    torch.testing.assert_close(aux_list[1], aux_logits)
+    expect = ce(logits, masks) + 0.5 * (ce(aux_list[0], masks) + ce(aux_list[1], masks))
+    torch.testing.assert_close(both.training_losses({"images": images, "masks": masks})["loss"], expect)
     with pytest.raises(ValueError, match="group_patch_size"):
         SupervisedSegmenter(build_model(tiny_config(tmp_path / "c", **{"model.name": "supervised"})).groupvit,
                             model.class_names, aux_weight=1.0, aux_tokens="fine")
-    with pytest.raises(ValueError, match="supervised_aux_tokens must be stage1\\|fine"):
+    with pytest.raises(ValueError, match="supervised_aux_tokens must be stage1\\|fine\\|both"):
         tiny_config(tmp_path / "bad", **{"model.supervised_aux_tokens": "embed"})
 
 

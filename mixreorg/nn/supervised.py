@@ -30,7 +30,7 @@ __all__ = ["SupervisedSegmenter", "SupervisedInference", "SUPERVISED_HEADS", "SU
 
 SUPERVISED_HEADS = ("groups", "patches")
 SUPERVISED_MAPS = ("soft", "hard")
-SUPERVISED_AUX_TOKENS = ("stage1", "fine")
+SUPERVISED_AUX_TOKENS = ("stage1", "fine", "both")
 
 
 class SupervisedInference(nn.Module):
@@ -89,7 +89,7 @@ class SupervisedSegmenter(nn.Module):
         aux_tokens: which tokens it reads: ``"stage1"`` (the first stage's patch tokens after its
             blocks, on the transformer's grid) or ``"fine"`` (with ``group_patch_size``: the finer-grid
             tokens the first grouping block actually assigns, so the loss resolves outlines as finely
-            as the maps do).
+            as the maps do) or ``"both"`` (one loss on each, both at ``aux_weight``).
     """
 
     #: the training loop adds ``batch["masks"]`` only for models that declare this
@@ -110,7 +110,7 @@ class SupervisedSegmenter(nn.Module):
             raise ValueError(f"aux_weight must be >= 0 and needs head='groups', got {aux_weight} with head={head!r}")
         if aux_tokens not in SUPERVISED_AUX_TOKENS:
             raise ValueError(f"aux_tokens must be one of {SUPERVISED_AUX_TOKENS}, got {aux_tokens!r}")
-        if aux_tokens == "fine" and getattr(groupvit.vision, "fine_tokens", None) is None:
+        if aux_tokens in ("fine", "both") and getattr(groupvit.vision, "fine_tokens", None) is None:
             raise ValueError(
                 "aux_tokens='fine' needs an encoder that groups a finer grid (model.vision.group_patch_size)"
             )
@@ -174,13 +174,17 @@ class SupervisedSegmenter(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"groupvit.vision.{n}" for n in self.groupvit.vision.no_weight_decay()} | {"class_embed"}
 
-    def _encode_with_patches(self, images: torch.Tensor) -> tuple[dict, torch.Tensor, tuple[int, int]]:
-        """:meth:`GroupViT.encode_image` (with maps), the tokens the auxiliary per-patch loss reads
-        (``aux_tokens``: ``[B, L, C]`` stage-1 patches or ``[B, L*f*f, C]`` fine tokens) and their grid."""
+    def _encode_with_patches(self, images: torch.Tensor) -> tuple[dict, list[tuple[torch.Tensor, tuple[int, int]]]]:
+        """:meth:`GroupViT.encode_image` (with maps) and the tokens the auxiliary per-patch losses read,
+        each with its grid (``aux_tokens``: ``[B, L, C]`` stage-1 patches, ``[B, L*f*f, C]`` fine tokens,
+        or both)."""
         out = self.groupvit.encode_image(images, return_maps=True)
-        if self.aux_tokens == "fine":
-            return out, out["fine_tokens"], tuple(out["grid"])
-        return out, out["stage1_tokens"], self.groupvit.vision.patch_embed.grid_for(images)
+        reads = []
+        if self.aux_tokens in ("stage1", "both"):
+            reads.append((out["stage1_tokens"], self.groupvit.vision.patch_embed.grid_for(images)))
+        if self.aux_tokens in ("fine", "both"):
+            reads.append((out["fine_tokens"], tuple(out["grid"])))
+        return out, reads
 
     def patch_logits(self, patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         """Stage-1 patch tokens ``[B, L, C]`` -> per-pixel logits ``[B, K, H, W]`` through the image head."""
@@ -193,10 +197,10 @@ class SupervisedSegmenter(nn.Module):
 
     def pixel_logits(self, images: torch.Tensor, with_aux: bool = False):
         """``images [B, 3, H, W] -> logits [B, K, H, W]`` through the composed soft maps (and, with
-        ``with_aux``, the auxiliary per-patch logits ``[B, K, H, W]``)."""
+        ``with_aux``, the list of auxiliary per-patch logits, each ``[B, K, H, W]``)."""
         size = tuple(images.shape[-2:])
         if with_aux:
-            out, patches, aux_grid = self._encode_with_patches(images)
+            out, reads = self._encode_with_patches(images)
         else:
             out = self.encode_image(images, return_maps=True)
         if self.maps == "hard" and self.training:
@@ -204,7 +208,7 @@ class SupervisedSegmenter(nn.Module):
         logits = self.groupvit.segmentation_logits_from(out, self.class_embeddings(), size)
         if not with_aux:
             return logits
-        return logits, self.patch_logits(patches, aux_grid, size)
+        return logits, [self.patch_logits(patches, grid, size) for patches, grid in reads]
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         masks = batch.get("masks")
@@ -215,8 +219,8 @@ class SupervisedSegmenter(nn.Module):
         masks = masks.to(batch["images"].device).long()
         aux = None
         if self.aux_weight > 0:
-            logits, aux_logits = self.pixel_logits(batch["images"], with_aux=True)  # [B, K, H, W] x2
-            aux = F.cross_entropy(aux_logits.float(), masks, ignore_index=self.ignore_index)
+            logits, aux_logits = self.pixel_logits(batch["images"], with_aux=True)  # [B, K, H, W], list of them
+            aux = sum(F.cross_entropy(a.float(), masks, ignore_index=self.ignore_index) for a in aux_logits)
         else:
             logits = self.pixel_logits(batch["images"])  # [B, K, H, W]
         loss = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index)

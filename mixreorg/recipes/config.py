@@ -116,8 +116,9 @@ class ModelConfig:
         pixel gets its argmax group's logits, as zero-shot inference labels it).
     supervised_aux: ``--model supervised`` only: weight of an auxiliary per-patch cross-entropy on the
         first stage's patch tokens (through the same image head and class embeddings; 0: none).
-    supervised_aux_tokens: ``--model supervised`` only: the tokens that auxiliary loss reads, ``"stage1"``
-        or ``"fine"`` (the finer grid the first grouping assigns; needs ``vision.group_patch_size``).
+    supervised_aux_tokens: ``--model supervised`` only: the tokens that auxiliary loss reads, ``"stage1"``,
+        ``"fine"`` (the finer grid the first grouping assigns; needs ``vision.group_patch_size``) or
+        ``"both"`` (one loss on each, both at ``supervised_aux``).
     """
 
     name: str = "groupvit"
@@ -310,9 +311,9 @@ class PretrainConfig:
             problems.append(f"model.supervised_maps must be soft|hard, got {self.model.supervised_maps!r}")
         if not self.model.supervised_aux >= 0:
             problems.append(f"model.supervised_aux must be >= 0, got {self.model.supervised_aux!r}")
-        if self.model.supervised_aux_tokens not in ("stage1", "fine"):
+        if self.model.supervised_aux_tokens not in ("stage1", "fine", "both"):
             problems.append(
-                f"model.supervised_aux_tokens must be stage1|fine, got {self.model.supervised_aux_tokens!r}"
+                f"model.supervised_aux_tokens must be stage1|fine|both, got {self.model.supervised_aux_tokens!r}"
             )
         if self.objective.multi_label_pool not in ("image", "max_segment"):
             problems.append(
