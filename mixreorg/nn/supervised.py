@@ -87,7 +87,7 @@ class SupervisedSegmenter(nn.Module):
         aux_weight: weight of an auxiliary per-patch cross-entropy (deep supervision of the tokens the
             grouping assigns), through the same final norm, image head and class embeddings (0: none).
         aux_tokens: which tokens it reads: ``"stage1"`` (the first stage's patch tokens after its
-            blocks, on the transformer's grid) or ``"fine"`` (with ``group_patch_size``: the finer-grid
+            blocks, on the transformer's grid), ``"fine"`` (with ``group_patch_size``: the finer-grid
             tokens the first grouping block actually assigns, so the loss resolves outlines as finely
             as the maps do) or ``"both"`` (one loss on each, both at ``aux_weight``).
     """
@@ -112,7 +112,7 @@ class SupervisedSegmenter(nn.Module):
             raise ValueError(f"aux_tokens must be one of {SUPERVISED_AUX_TOKENS}, got {aux_tokens!r}")
         if aux_tokens in ("fine", "both") and getattr(groupvit.vision, "fine_tokens", None) is None:
             raise ValueError(
-                "aux_tokens='fine' needs an encoder that groups a finer grid (model.vision.group_patch_size)"
+                f"aux_tokens={aux_tokens!r} needs an encoder that groups a finer grid (model.vision.group_patch_size)"
             )
         self.aux_weight = float(aux_weight)
         self.aux_tokens = aux_tokens
