@@ -623,6 +623,11 @@ def _tiny_grounded() -> PretrainConfig:
     500 steps, GroupViT: mIoU 0.388 / 0.226 / 0.146 with seeds 0 / 1 / 2 (0.253 ± 0.123; seed 0 uses
     4.9 groups per image, seeds 1-2 about two), against 0.289 / 0.336 without the grounded term:
     whether the grouping splits the objects depends on the seed (docs/investigation/LOG.md, session 12).
+
+    The schedule is the main job's (``scripts/main.sh`` runs the MixReorg twin): 720 steps with 120
+    of warmup (17%: session 15's warmup table), or 480 s of training on a machine too slow for them
+    (``schedule_by_time``). The steps are what turns the objects' names on: 1500 steps of GroupViT
+    give things 0.220 (every shape 0.14-0.36) where 500 gave 0.081 (session 16).
     """
     cfg = _tiny_hybrid()
     cfg.preset = "tiny_grounded"
@@ -632,6 +637,9 @@ def _tiny_grounded() -> PretrainConfig:
     cfg.objective.prompt_uniformity_weight = 1.0
     cfg.objective.grounded_seg_weight = 1.0
     cfg.objective.grounded_seg_scope = "noun"
+    cfg.train.steps = 720
+    cfg.optim.warmup_steps = 120
+    cfg.train.time_limit = 480.0
     cfg.train.out_dir = "runs/tiny_grounded"
     return cfg
 
@@ -641,7 +649,11 @@ def _tiny_grounded_mixreorg() -> PretrainConfig:
     (``model.mixreorg.mixed_grounded_weight=1``): 320 steps, G = 8, seeds 0 / 1, mIoU 0.240 / 0.163
     with it and 0.151 / 0.139 without (L_seg, which keeps each source image in one segment, works
     against the grounded grouping; without L_seg 0.340-0.349 with seed 0; docs/investigation/LOG.md,
-    sessions 11-12)."""
+    sessions 11-12). At 900 steps (session 16, seed 0) L_seg helps instead: ``seg_weight`` 1 / 0.25 / 0
+    give mIoU 0.236 / 0.174 / 0.131, things 0.114 / 0.089 / 0.058.
+
+    The main job (``scripts/main.sh``): its 720 steps take about 7.5 minutes on 2 cores of an AMD
+    EPYC with AVX512-BF16 (0.62 s per step; 800 steps did not fit the 480 s there: 776)."""
     cfg = _as_mixreorg(_tiny_grounded())
     cfg.model.mixreorg["mixed_grounded_weight"] = 1.0
     return cfg
