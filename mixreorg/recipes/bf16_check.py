@@ -3,7 +3,8 @@
     python -m mixreorg.recipes.bf16_check --out runs/bf16_check                 # 3 seeds each, 450 steps
     python -m mixreorg.recipes.bf16_check --seeds 0 1 2 3 4 --steps 600 --jobs 1 --threads 2
 
-The main job's model (``--preset tiny --model mixreorg``; ``--rows`` for others) is trained with the
+The patch-stem MixReorg (``--preset tiny --model mixreorg``, the main job until session 16; ``--preset
+tiny_grounded_mixreorg`` checks today's main job, ``--rows`` other models) is trained with the
 same seeds and the same number of steps twice through :mod:`mixreorg.recipes.compare`: once in
 float32 (``OUT/fp32``) and once with ``train.cpu_bf16=on`` (``OUT/bf16``). Equal steps, not the main
 job's time limit, so that the check compares learning per step; bf16's speed is the benchmarks' part
@@ -64,7 +65,7 @@ def format_verdict(row: str, v: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mixreorg.recipes.bf16_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", default=["mixreorg"], help="models to check (default: the main job's)")
+    p.add_argument("--rows", nargs="+", default=["mixreorg"], help="models to check (default: mixreorg)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=450, help="optimiser steps of every run (the main job's ~450)")
