@@ -623,6 +623,7 @@ def _tiny_grounded() -> PretrainConfig:
     500 steps, GroupViT: mIoU 0.388 / 0.226 / 0.146 with seeds 0 / 1 / 2 (0.253 ± 0.123; seed 0 uses
     4.9 groups per image, seeds 1-2 about two), against 0.289 / 0.336 without the grounded term:
     whether the grouping splits the objects depends on the seed (docs/investigation/LOG.md, session 12).
+    (Those runs had ``tiny``'s 50 warmup steps; with ``--steps N`` the preset's 120 are now kept.)
 
     The schedule is the main job's (``scripts/main.sh`` runs the MixReorg twin): 720 steps with 120
     of warmup (17%: session 15's warmup table), or 480 s of training on a machine too slow for them
