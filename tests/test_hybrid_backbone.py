@@ -223,8 +223,9 @@ def test_tiny_hybrid_presets_are_the_tiny_ones_on_the_hybrid_backbone():
 
 
 def test_tiny_grounded_presets_change_only_the_objective_and_the_schedule():
-    """The grounded presets are ``tiny_hybrid``'s backbone with the grounded objective and the main
-    job's schedule: fixed steps with a warmup near a sixth of them, a time limit for slow machines."""
+    """The grounded presets are ``tiny_hybrid``'s backbone with six group tokens, the grounded objective
+    and the main job's schedule: fixed steps with a warmup near a sixth of them, a time limit for slow
+    machines."""
     from mixreorg.recipes.config import get_preset
 
     for new, old in (("tiny_grounded", "tiny_hybrid"), ("tiny_grounded_mixreorg", "tiny_hybrid_mixreorg")):
@@ -234,7 +235,9 @@ def test_tiny_grounded_presets_change_only_the_objective_and_the_schedule():
         assert changed == {"preset", "train.out_dir", "data.prompt_phrases", "data.num_prompts",
                            "objective.patch_label_weight", "objective.prompt_uniformity_weight",
                            "objective.grounded_seg_weight", "objective.grounded_seg_scope", "train.steps",
-                           "optim.warmup_steps", "train.time_limit"} | mixed, changed
+                           "optim.warmup_steps", "train.time_limit", "model.vision.num_group_tokens",
+                           "model.vision.num_output_groups"} | mixed, changed
         cfg = get_preset(new).validate()
         assert 0.15 <= cfg.optim.warmup_steps / cfg.train.steps <= 0.2, cfg.optim
         assert cfg.train.schedule_by_time and cfg.train.time_limit <= 480
+        assert cfg.model.vision["num_group_tokens"] == [6, 0] and cfg.model.vision["num_output_groups"] == [6]
