@@ -632,8 +632,9 @@ def _tiny_grounded() -> PretrainConfig:
 
     Six group tokens instead of ``tiny``'s eight: the MixReorg twin at 720 steps, seeds 0 / 1, mIoU
     0.266 / 0.364 (stuff 0.53 / 0.78, things 0.093 / 0.088) against 0.231 / 0.207 with eight (stuff
-    0.47 / 0.40, things 0.075 / 0.077): with eight the backgrounds split into more segments, and some
-    of them took an object's name (session 16).
+    0.47 / 0.40, things 0.075 / 0.077): with eight, more of the backgrounds' segments took an object's
+    name (about 3 groups used per image either way). In two of the three six-token runs L_seg stayed
+    near chance; where it was learned, stuff was lower (0.53) (session 16).
     """
     cfg = _tiny_hybrid()
     cfg.preset = "tiny_grounded"
