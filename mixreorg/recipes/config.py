@@ -14,7 +14,7 @@ Presets (:data:`PRESETS`, ``--preset NAME``):
 * ``tiny_grounded`` / ``tiny_grounded_mixreorg``: ``tiny_hybrid`` with the objective that tells the
   grouping where the caption's nouns are (phrase prompts, the per-patch prompt term and the
   caption-grounded segmentation term; see the preset's comments); the MixReorg twin also names its
-  mixed images by their sources' nouns.
+  mixed images by their sources' nouns, and is the main job's (``scripts/main.sh``).
 * ``groupvit_cc12m`` / ``mixreorg_cc12m``: the papers' settings (GroupViT-S, 224 px, batch 4096,
   lr 1.6e-3, 30 epochs of CC12M with 2 warmup epochs, softmax InfoNCE + multi-label loss).
 
