@@ -633,8 +633,9 @@ def _tiny_grounded() -> PretrainConfig:
     Six group tokens instead of ``tiny``'s eight: the MixReorg twin at 720 steps, seeds 0 / 1, mIoU
     0.266 / 0.364 (stuff 0.53 / 0.78, things 0.093 / 0.088) against 0.231 / 0.207 with eight (stuff
     0.47 / 0.40, things 0.075 / 0.077): with eight, more of the backgrounds' segments took an object's
-    name (about 3 groups used per image either way). In two of the three six-token runs L_seg stayed
-    near chance; where it was learned, stuff was lower (0.53) (session 16).
+    name (about 3 groups used per image either way). In two of four six-token runs L_seg stayed near
+    chance (mIoU 0.364 both, stuff 0.78-0.79); the two that learned it scored 0.27 (stuff 0.53-0.55)
+    (session 16).
     """
     cfg = _tiny_hybrid()
     cfg.preset = "tiny_grounded"
@@ -660,8 +661,8 @@ def _tiny_grounded_mixreorg() -> PretrainConfig:
     sessions 11-12). At 900 steps (session 16, seed 0) L_seg helps instead: ``seg_weight`` 1 / 0.25 / 0
     give mIoU 0.236 / 0.174 / 0.131, things 0.114 / 0.089 / 0.058.
 
-    The main job (``scripts/main.sh``): its 720 steps take about 7.5 minutes on 2 cores of an AMD
-    EPYC with AVX512-BF16 (0.62 s per step; 800 steps did not fit the 480 s there: 776)."""
+    The main job (``scripts/main.sh``): its 720 steps take about 7 minutes on 2 cores of an AMD
+    EPYC with AVX512-BF16 (0.56-0.62 s per step; 800 steps did not fit the 480 s there: 776)."""
     cfg = _as_mixreorg(_tiny_grounded())
     cfg.model.mixreorg["mixed_grounded_weight"] = 1.0
     return cfg
