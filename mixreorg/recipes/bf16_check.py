@@ -1,4 +1,4 @@
-"""Does the main job learn as well under CPU bf16 autocast as in float32? (issue 11's learning check)
+"""Does MixReorg learn as well under CPU bf16 autocast as in float32? (issue 11's learning check)
 
     python -m mixreorg.recipes.bf16_check --out runs/bf16_check                 # 3 seeds each, 450 steps
     python -m mixreorg.recipes.bf16_check --seeds 0 1 2 3 4 --steps 600 --jobs 1 --threads 2
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", default=["mixreorg"], help="models to check (default: mixreorg)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=450, help="optimiser steps of every run (the main job's ~450)")
+    p.add_argument("--steps", type=int, default=450,
+                   help="optimiser steps of every run (the patch-stem main job's ~450)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/bf16_check")
