@@ -4,7 +4,7 @@ terms teach; :func:`mixreorg.losses.grounded.teacher_labels`), mapped to the pro
 against the class that covers most of the patch.
 
     python docs/investigation/teacher_acc.py RUN_FOLDER|CHECKPOINT [batches] [--ema] [--labels soft|cam]
-        [--threshold T] [--prompts K]
+        [--threshold T] [--prompts K] [--tokens stage1|embed]
 
 Printed: ``thing`` / ``stuff`` (and per class): the share of the patches of a class the caption names
 that get that class (the recall the session-12 tables call "right"); ``precision``: the share of
@@ -16,6 +16,8 @@ weights of its last checkpoint) instead of the trained model. ``--labels`` / ``-
 labelling rule (default: the run's own ``objective.grounded_labels`` / ``grounded_cam_threshold``).
 ``--prompts K``: build K prompts per image (default the run's ``data.num_prompts``; with fewer prompts
 than nouns and phrases the draw can leave a noun out, and its patches cannot be named).
+``--tokens``: which patches teach (default the run's ``objective.patch_label_tokens``): the stage-1
+tokens after their blocks, or the embedded patches before any block.
 """
 import argparse
 from collections import Counter
@@ -37,6 +39,7 @@ parser.add_argument("--ema", action="store_true")
 parser.add_argument("--labels", choices=["soft", "cam"])
 parser.add_argument("--threshold", type=float)
 parser.add_argument("--prompts", type=int)
+parser.add_argument("--tokens", choices=["stage1", "embed"])
 args = parser.parse_args()
 model, _, cfg = load_inference_model(args.run, with_config=True)
 if args.ema:
@@ -51,6 +54,7 @@ if args.ema:
 model.eval()
 rule = args.labels or getattr(cfg.objective, "grounded_labels", "soft")
 threshold = args.threshold if args.threshold is not None else getattr(cfg.objective, "grounded_cam_threshold", 0.7)
+tokens = args.tokens or getattr(cfg.objective, "patch_label_tokens", "stage1")
 if args.prompts:
     cfg.data.num_prompts = args.prompts
 stream = iter(SynthShapesStream(64, seed=1000, image_size=cfg.data.image_size))
@@ -64,7 +68,7 @@ with torch.no_grad():
         raw = next(stream)
         batch = builder(raw, step=step)
         out = model.encode_image(batch["images"])
-        patch = model.project_patches(out["stage1_tokens"]).float()  # [B, L, D] normalised
+        patch = model.project_patches(out[f"{tokens}_tokens"]).float()  # [B, L, D] normalised
         b, k, t = batch["prompts"].shape
         prompts = F.normalize(model.encode_text(batch["prompts"].reshape(b * k, t)).float().reshape(b, k, -1), dim=-1)
         # any scale: the softmax's argmax and the cam rule do not depend on it
@@ -89,7 +93,8 @@ with torch.no_grad():
                 for key in (kind_of(c), names[c]):
                     total[key] += 1
                     hits[key] += int(head == names[c])
-print(f"rule {rule}" + (f" (threshold {threshold})" if rule == "cam" else "") + f", {cfg.data.num_prompts} prompts")
+print(f"rule {rule}" + (f" (threshold {threshold})" if rule == "cam" else "") + f", {cfg.data.num_prompts} prompts, "
+      f"{tokens} tokens")
 print(" ".join(f"{key} {hits[key] / max(total[key], 1):.2f} (n={total[key]})" for key in ["thing", "stuff"] + names))
 print(" ".join(f"{kind} precision {right_as[kind] / max(labelled_as[kind], 1):.2f} (n={labelled_as[kind]})"
                for kind in ("thing", "stuff")) + f" labelled {n_labelled / max(n_patches, 1):.2f}")
