@@ -12,10 +12,13 @@ the machine's load hit all alike; best of the rounds after a warm-up round):
 * SDPA's kernel x precision (``test_cpu_bf16_attention_kernels``): both trainer models' eager step in
   float32 and under CPU bf16 autocast, each with SDPA's default CPU kernel and with its math kernel
   (``mixreorg.nn.attention.SDPA_KERNELS`` set per case): the measurement behind that table's choice;
-* ``data.prefetch``: steps/s of the whole training loop (``train()``) with and without the thread.
+* ``data.prefetch``: steps/s of the whole training loop (``train()``) with and without the thread;
+* the main job's step (``test_main_job_step_variants``, ``tiny_grounded_mixreorg``) against variants
+  that each drop one of its costs (the grounded terms, the per-patch prompt term, the 16x16 grouping).
 
     python -m pytest benchmarks/bench_step.py -s
     python -m pytest benchmarks/bench_step.py -s -k attention_kernels   # the kernel x precision table
+    python -m pytest benchmarks/bench_step.py -s -k main_job            # the main job's step and its costs
 
 The compiled cases' first call (Dynamo + AOTAutograd + Inductor's C++ build) is printed apart.
 """
@@ -273,3 +276,41 @@ def test_prefetch_steps_per_second(tmp_path: Path, capsys):
         print(f"\ntrain() loop, tiny preset, {steps} steps, {torch.get_num_threads()} threads, best of {runs}: "
               f"prefetch 0: {best[0]:.2f} steps/s, prefetch 2: {best[2]:.2f} steps/s ({best[2] / best[0]:.2f}x)")
     assert best[0] > 0 and best[2] > 0
+
+
+MAIN_JOB_VARIANTS = {  # name -> overrides of the main job's preset (scripts/main.sh)
+    "the preset": {},
+    "both grounded terms off": {"objective.grounded_seg_weight": 0.0, "model.mixreorg.mixed_grounded_weight": 0.0},
+    "+ patch_label_weight=0": {"objective.grounded_seg_weight": 0.0, "model.mixreorg.mixed_grounded_weight": 0.0,
+                               "objective.patch_label_weight": 0.0},
+    "group_patch_size=8 (8x8 grouping)": {"model.vision.group_patch_size": 8},
+}
+
+
+def test_main_job_step_variants(capsys):
+    """The main job's trainer step (``tiny_grounded_mixreorg``, in bf16 where the CPU has it, as the
+    recipe's ``train.cpu_bf16=auto``) against variants that drop a cost: the grounded terms, the
+    per-patch prompt term, the 16x16 first grouping; every variant timed alternately."""
+    bf16 = cpu_bf16_support()[0]
+    cases = {}
+    for name, overrides in MAIN_JOB_VARIANTS.items():
+        cfg = get_preset("tiny_grounded_mixreorg")
+        apply_overrides(cfg, {"train.threads": 0, **overrides})
+        cfg = cfg.validate()
+        cases[name] = _TrainerCase(cfg, _batches(cfg, False, 3), bf16=bf16)
+    best = {key: math.inf for key in cases}
+    keys = list(cases)
+    for r in range(ROUNDS):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            t = time.perf_counter()
+            cases[key]()
+            if r > 0:  # round 0 warms up
+                best[key] = min(best[key], time.perf_counter() - t)
+    base = best["the preset"]
+    with capsys.disabled():
+        print(f"\nmain job step (tiny_grounded_mixreorg, {'bf16' if bf16 else 'float32'}), "
+              f"{torch.get_num_threads()} threads, best of {ROUNDS - 1} interleaved rounds")
+        for name, t in best.items():
+            RESULTS.append(dict(case="main job step", impl=name, mean=t, bytes=0, baseline="the preset"))
+            print(f"  {name:<36} {t * 1e3:>7.0f} ms {base / t:>6.2f}x")
+    assert all(math.isfinite(t) and t > 0 for t in best.values())
