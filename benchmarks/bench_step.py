@@ -47,10 +47,24 @@ ROUNDS = 6  # round 0 warms up (and compiles)
 MODEL, GV, MR = "GroupViT model step (CLIP loss)", "GroupViT tiny recipe step", "MixReorg tiny recipe step"
 
 
-def _recipe(preset: str):
+def _recipe(preset: str, overrides: dict | None = None):
     cfg = get_preset(preset)
-    apply_overrides(cfg, {"train.threads": 0})
+    apply_overrides(cfg, {"train.threads": 0, **(overrides or {})})
     return cfg.validate()
+
+
+def _interleaved_best(cases: dict) -> dict:
+    """Best time of each case over ``ROUNDS - 1`` rounds after a warm-up round, the cases called
+    alternately (forward, then backward order) so that slow drifts of the machine hit all alike."""
+    best = {key: math.inf for key in cases}
+    keys = list(cases)
+    for r in range(ROUNDS):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            t = time.perf_counter()
+            cases[key]()
+            if r > 0:  # round 0 warms up
+                best[key] = min(best[key], time.perf_counter() - t)
+    return best
 
 
 def _batches(cfg, fixed_length: bool, n: int) -> list[dict]:
@@ -233,14 +247,7 @@ def test_cpu_bf16_attention_kernels(capsys):
         batches = _batches(cfg, False, 4)  # trimmed rows, as the loop runs by default
         for name, (bf16, table) in variants.items():
             cases[(model, name)] = _TrainerCase(cfg, batches, bf16=bf16, sdpa_kernels=table)
-    best = {key: math.inf for key in cases}
-    keys = list(cases)
-    for r in range(ROUNDS):
-        for key in keys if r % 2 == 0 else keys[::-1]:
-            t = time.perf_counter()
-            cases[key]()
-            if r > 0:  # round 0 warms up
-                best[key] = min(best[key], time.perf_counter() - t)
+    best = _interleaved_best(cases)
     library = {name: attention.sdpa_kernel_for("cpu", dtype) for name, dtype in
                (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     with capsys.disabled():
@@ -294,18 +301,9 @@ def test_main_job_step_variants(capsys):
     bf16 = cpu_bf16_support()[0]
     cases = {}
     for name, overrides in MAIN_JOB_VARIANTS.items():
-        cfg = get_preset("tiny_grounded_mixreorg")
-        apply_overrides(cfg, {"train.threads": 0, **overrides})
-        cfg = cfg.validate()
+        cfg = _recipe("tiny_grounded_mixreorg", overrides)
         cases[name] = _TrainerCase(cfg, _batches(cfg, False, 3), bf16=bf16)
-    best = {key: math.inf for key in cases}
-    keys = list(cases)
-    for r in range(ROUNDS):
-        for key in keys if r % 2 == 0 else keys[::-1]:
-            t = time.perf_counter()
-            cases[key]()
-            if r > 0:  # round 0 warms up
-                best[key] = min(best[key], time.perf_counter() - t)
+    best = _interleaved_best(cases)
     base = best["the preset"]
     with capsys.disabled():
         print(f"\nmain job step (tiny_grounded_mixreorg, {'bf16' if bf16 else 'float32'}), "
